@@ -1,0 +1,168 @@
+"""What every command shares: options, error handling, Rich progress, result output.
+
+A command parses its options, resolves the configuration, calls **one** core function with a
+reporter, and renders the result. Errors from bad input become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from bladdergen.errors import InputError
+from bladdergen.progress import Reporter, Task
+
+stderr_console = Console(stderr=True)
+stdout_console = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (any subset of sections and keys)."),
+]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile", "-p", help="Named profile: tiny (CPU, minutes) or paper (24 GB GPU)."
+    ),
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars or notices (for scripts).")
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
+]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's device)."),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _RichTask(Task):
+    def __init__(self, progress: Progress, task_id: int) -> None:
+        self._progress = progress
+        self._task_id = task_id
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        info = "  ".join(f"{k}={_short(v)}" for k, v in fields.items())
+        self._progress.update(self._task_id, advance=n, info=info)
+
+    def close(self) -> None:
+        self._progress.stop_task(self._task_id)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class RichReporter(Reporter):
+    """Progress bars and notices on stderr; silent with ``quiet`` (errors still show)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._progress: Progress | None = None
+
+    def _ensure_progress(self) -> Progress:
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=stderr_console,
+                transient=False,
+            )
+            self._progress.start()
+        return self._progress
+
+    def task(self, description: str, total: int | None = None, completed: int = 0) -> Task:
+        if self.quiet:
+            return Task()
+        progress = self._ensure_progress()
+        task_id = progress.add_task(description, total=total, completed=completed, info="")
+        return _RichTask(progress, task_id)
+
+    def notice(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._progress is not None:
+            self._progress.console.print(f"[yellow]note:[/] {text}")
+        else:
+            stderr_console.print(f"[yellow]note:[/] {text}")
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def handle_errors(command: F) -> F:
+    """Run a command body: InputError -> one line + exit 2; other failures -> exit 1.
+
+    Set ``BLADDERGEN_DEBUG=1`` to see the traceback of an internal failure.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            stderr_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            stderr_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as error:  # an internal failure, not the user's fault
+            stderr_console.print(
+                f"[bold red]internal error:[/] {type(error).__name__}: {error}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            if os.environ.get("BLADDERGEN_DEBUG"):
+                traceback.print_exc(file=sys.stderr)
+            else:
+                stderr_console.print("(set BLADDERGEN_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_result(result: dict[str, Any], as_json: bool, quiet: bool, title: str) -> None:
+    """Print a command's result: JSON on stdout for pipelines, else a short human summary."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        sys.stdout.flush()
+        return
+    if quiet:
+        return
+    stdout_console.print(f"[bold green]{title}[/]")
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str)
+            if len(value) > 200:
+                value = value[:197] + "..."
+        stdout_console.print(f"  {key}: {value}", highlight=False, soft_wrap=True)

@@ -1,0 +1,5 @@
+"""Commands: train-ldm, sample."""
+
+from __future__ import annotations
+
+from bladdergen.cli.app import app  # noqa: F401

@@ -1,0 +1,5 @@
+"""Commands: train-vqgan, reconstruct."""
+
+from __future__ import annotations
+
+from bladdergen.cli.app import app  # noqa: F401

@@ -1,0 +1,47 @@
+"""Settings of ``bladdergen preprocess`` (defaults: the ``paper`` profile)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from bladdergen.errors import ConfigError
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    """How a folder of CT scans becomes a normalised training set.
+
+    ``target_size``: in-plane voxels (X, Y) after resampling, or ``None`` to keep the scan's grid.
+    ``target_depth``: axial slices after the depth policy (the paper uses 24).
+    ``window``: HU range mapped linearly to [-1, 1]; values outside are clipped.
+    ``label_map``: dataset label value -> class index (0 background, 1 wall, 2 tumor).
+    """
+
+    target_size: tuple[int, int] | None = (512, 512)
+    target_spacing: tuple[float, float] | None = None
+    target_depth: int = 24
+    depth_policy: Literal["paper", "resample", "crop"] = "paper"
+    window: tuple[float, float] = (-200.0, 300.0)
+    orientation: Literal["RAS", "LPS"] = "RAS"
+    label_map: dict[int, int] = dataclasses.field(default_factory=lambda: {0: 0, 255: 1, 128: 2})
+    image_dtype: Literal["float32", "float16"] = "float32"
+    workers: int = 1
+
+    def validate(self) -> None:
+        if self.target_depth < 1:
+            raise ConfigError(f"preprocess.target_depth: got {self.target_depth}, expected >= 1")
+        if self.window[0] >= self.window[1]:
+            raise ConfigError(f"preprocess.window: got {list(self.window)}, expected [low, high]")
+        if self.workers < 1:
+            raise ConfigError(f"preprocess.workers: got {self.workers}, expected >= 1")
+        if self.target_size is not None and self.target_spacing is not None:
+            raise ConfigError("preprocess: set target_size or target_spacing, not both")
+        if sorted(set(self.label_map.values())) != [0, 1, 2]:
+            raise ConfigError(
+                f"preprocess.label_map: got {self.label_map}, expected values 0, 1 and 2 "
+                "(background, wall, tumor)"
+            )
+
+
+TINY = {"target_size": [64, 64]}

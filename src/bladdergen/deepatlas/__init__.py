@@ -1,0 +1,1 @@
+"""Stage 3: DeepAtlas, joint registration and segmentation with few labels; ``segment``."""

@@ -1,0 +1,1 @@
+"""Stage 2: latent diffusion (denoiser, noise schedule, samplers) and the sampling pipeline."""

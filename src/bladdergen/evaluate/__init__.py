@@ -1,0 +1,1 @@
+"""Evaluation: segmentation scores, generated-volume quality, and the reader-study kit."""

@@ -1,0 +1,1 @@
+"""Stage 1: the 3D VQ-GAN that compresses CT volumes into a codebook latent."""
