@@ -271,3 +271,91 @@ def config_from_yaml_file(path: Path) -> PipelineConfig:
     profile = data.get("profile", "paper")
     mapping = _merge(profile_mapping(profile), data)
     return from_mapping(PipelineConfig, mapping, str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration reference, generated from the dataclasses so the docs cannot drift
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Comments on a dataclass's field lines: trailing ``# ...`` or ``# ...`` lines just above."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    pattern = re.compile(r"^\s{4}(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+            continue
+        match = pattern.match(line)
+        if match and not stripped.startswith(("def ", "return", "raise")):
+            text = " ".join(pending + ([match.group(2)] if match.group(2) else []))
+            comments.setdefault(match.group(1), text.strip())
+        pending = []
+    return comments
+
+
+def _docstring_descriptions(cls: type) -> dict[str, str]:
+    """``name``: description lines in a dataclass docstring."""
+    import re
+
+    found: dict[str, str] = {}
+    for match in re.finditer(r"``(\w+)``:\s*(.+)", cls.__doc__ or ""):
+        found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def config_reference_markdown() -> str:
+    """Every configuration key with its type, ``paper`` and ``tiny`` values and description."""
+    paper, tiny = profile_mapping("paper"), profile_mapping("tiny")
+    hints = typing.get_type_hints(PipelineConfig)
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the config classes by `bladdergen config reference`; do not edit by hand.",
+        "Every key can be set in a YAML file passed with `--config` (any subset). Defaults are the",
+        "`paper` profile; the `tiny` column shows where the `tiny` profile differs.",
+        "",
+        "| key | type | paper | tiny |",
+        "|---|---|---|---|",
+        f"| `profile` | {_type_name(hints['profile'])} | `paper` | `tiny` |",
+        f"| `seed` | int | `{paper['seed']}` | `{tiny['seed']}` |",
+    ]
+    for section in dataclasses.fields(PipelineConfig):
+        cls = hints[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        descriptions = {**_field_comments(cls), **_docstring_descriptions(cls)}
+        out += ["", f"## `{section.name}`", ""]
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        if summary:
+            out += [summary, ""]
+        out += ["| key | type | paper | tiny | description |", "|---|---|---|---|---|"]
+        field_hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            p = paper[section.name][item.name]
+            t = tiny[section.name][item.name]
+            tiny_cell = "" if t == p else f"`{_yaml_inline(t)}`"
+            description = descriptions.get(item.name, "").replace("|", "\\|")
+            type_cell = _type_name(field_hints[item.name]).replace("|", "\\|")
+            out.append(
+                f"| `{section.name}.{item.name}` | {type_cell} | `{_yaml_inline(p)}` | "
+                f"{tiny_cell} | {description} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def _yaml_inline(value: Any) -> str:
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10_000)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )

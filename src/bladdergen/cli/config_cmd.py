@@ -32,3 +32,21 @@ def show(
         typer.echo(text, nl=False)
     else:
         atomic_write_text(out, text)
+
+
+@config_app.command("reference")
+@handle_errors
+def reference(
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the configuration reference (every key, both profiles) as Markdown."""
+    from bladdergen.config import config_reference_markdown
+    from bladdergen.fileio import atomic_write_text
+
+    text = config_reference_markdown()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)

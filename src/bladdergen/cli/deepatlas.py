@@ -2,4 +2,150 @@
 
 from __future__ import annotations
 
-from bladdergen.cli.app import app  # noqa: F401
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bladdergen.cli.app import app
+from bladdergen.cli.common import (
+    ConfigOption,
+    DeviceOption,
+    JsonOption,
+    ProfileOption,
+    QuietOption,
+    RichReporter,
+    emit_result,
+    handle_errors,
+)
+
+
+@app.command("train-deepatlas")
+@handle_errors
+def train_deepatlas_command(
+    data_dir: Annotated[
+        Path, typer.Argument(help="Preprocessed set (from `bladdergen preprocess`) with labels.")
+    ],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder to write (checkpoints, logs).")],
+    unlabeled: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--unlabeled",
+            "-u",
+            help="Unlabeled real scans: a preprocessed set or a folder of NIfTI/DICOM volumes "
+            "(repeatable). DATA_DIR's own unlabeled cases are always used.",
+        ),
+    ] = None,
+    synthetic: Annotated[
+        Path | None,
+        typer.Option(
+            "--synthetic",
+            "-s",
+            help="Synthetic volumes from `bladdergen sample` (HU NIfTI), preprocessed like DATA_DIR.",
+        ),
+    ] = None,
+    supervised_only: Annotated[
+        bool,
+        typer.Option(
+            "--supervised-only",
+            help="Baseline: the segmentation net alone on the labeled cases, for as many updates "
+            "as it gets in the DeepAtlas schedule; no registration, no unlabeled data.",
+        ),
+    ] = False,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--max-steps", help="Total optimiser steps of both networks (schedule length)."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (config `seed`).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")
+    ] = False,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    quiet: QuietOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Train DeepAtlas: joint registration and segmentation of bladder wall and tumor with few
+    labels, unlabeled scans and synthetic volumes (or the supervised-only baseline)."""
+    from bladdergen.config import load_config
+    from bladdergen.deepatlas.train import train_deepatlas
+
+    overrides = {"seed": seed, "deepatlas.max_steps": max_steps, "deepatlas.device": device}
+    resolved = load_config(profile, config, overrides)
+    reporter = RichReporter(quiet)
+    try:
+        result = train_deepatlas(
+            resolved,
+            data_dir,
+            run_dir,
+            unlabeled_dirs=list(unlabeled or []),
+            synthetic_dir=synthetic,
+            supervised_only=supervised_only,
+            resume=resume,
+            reporter=reporter,
+        )
+    finally:
+        reporter.stop()
+    emit_result(result, json_output, quiet, "train-deepatlas finished")
+
+
+@app.command("segment")
+@handle_errors
+def segment_command(
+    model_run: Annotated[
+        Path,
+        typer.Argument(help="A train-deepatlas run folder (best checkpoint used) or .safetensors."),
+    ],
+    in_path: Annotated[
+        Path,
+        typer.Argument(help="A NIfTI/.mha/.nrrd file, a DICOM series folder, or a folder of them."),
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the label maps (<name>.nii.gz).")],
+    classes: Annotated[
+        bool,
+        typer.Option(
+            "--classes",
+            help="Write class indices 0/1/2 instead of the dataset's label values (0/255/128).",
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing label maps in OUT_DIR.")
+    ] = False,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    quiet: QuietOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Segment bladder wall and tumor in CT scans; label maps keep each input's geometry and
+    slice count.
+
+    Preprocessing and network come from the checkpoint; --config/--profile only set
+    `deepatlas.device` and `deepatlas.sw_overlap` (sliding-window overlap).
+    """
+    from bladdergen.deepatlas.segment import segment_paths
+
+    overlap = None
+    if config is not None or profile is not None:
+        from bladdergen.config import load_config
+
+        resolved = load_config(profile, config, {"deepatlas.device": device})
+        device, overlap = resolved.deepatlas.device, resolved.deepatlas.sw_overlap
+    reporter = RichReporter(quiet)
+    try:
+        result = segment_paths(
+            model_run,
+            in_path,
+            out_dir,
+            device=device or "auto",
+            label_values=not classes,
+            overwrite=overwrite,
+            overlap=overlap,
+            reporter=reporter,
+        )
+    finally:
+        reporter.stop()
+    emit_result(result, json_output, quiet, "segment finished")

@@ -1,29 +1,133 @@
-"""Settings of ``bladdergen train-ldm`` and ``bladdergen sample`` (defaults: ``paper`` profile)."""
+"""Settings of ``bladdergen train-ldm`` and ``bladdergen sample`` (defaults: ``paper`` profile).
+
+The paper profile follows Medical Diffusion's latent DDPM (T = 300 cosine steps, epsilon
+prediction, L1 loss, Adam 1e-4, gradient accumulation 2, weight EMA 0.995 every 10 steps from step
+2000) with a pseudo-3D U-Net sized for one 24 GB GPU. ``LDM_TINY`` / ``SAMPLE_TINY`` hold what
+differs in the CPU-minutes ``tiny`` profile.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
+from bladdergen.errors import ConfigError
+
 
 @dataclasses.dataclass
 class LDMConfig:
-    """Latent DDPM denoiser and training settings."""
+    """Latent DDPM denoiser and training settings.
 
+    Denoiser: ``base_channels`` x ``channel_mults`` per U-Net level (in-plane resolution halves at
+    every level but the last, depth never changes), ``attention_heads`` x ``attention_head_channels``
+    in every attention block, depth attention with a learned relative position bias clamped at
+    ``max_relative_distance`` slices.
+    Diffusion: ``timesteps`` steps of a ``schedule`` noise schedule, ``loss`` between true and
+    predicted noise. EMA: every ``ema_every`` optimiser steps from ``ema_start`` (before that the
+    EMA copy follows the live weights).
+    """
+
+    # denoiser
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 4, 8)
+    attention_heads: int = 8
+    attention_head_channels: int = 32
+    norm_groups: int = 8
+    max_relative_distance: int = 32
+    # diffusion
+    timesteps: int = 300
+    schedule: Literal["cosine", "linear"] = "cosine"
+    loss: Literal["l1", "l2"] = "l1"
+    # optimisation
     max_steps: int = 100_000
     batch_size: int = 2
+    grad_accumulation: int = 2
+    learning_rate: float = 1e-4
+    ema_decay: float = 0.995
+    ema_every: int = 10
+    ema_start: int = 2000
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    # where the encoded training latents are cached; None = RUN_DIR/latents
+    latent_cache_dir: str | None = None
     device: str = "auto"
+
+    def validate(self) -> None:
+        positive = {
+            "base_channels": self.base_channels,
+            "attention_heads": self.attention_heads,
+            "attention_head_channels": self.attention_head_channels,
+            "norm_groups": self.norm_groups,
+            "max_relative_distance": self.max_relative_distance,
+            "timesteps": self.timesteps,
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "grad_accumulation": self.grad_accumulation,
+            "ema_every": self.ema_every,
+            "log_every": self.log_every,
+            "checkpoint_every": self.checkpoint_every,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"ldm.{key}: got {value}, expected >= 1")
+        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
+            raise ConfigError(
+                f"ldm.channel_mults: got {list(self.channel_mults)}, expected positive integers"
+            )
+        for mult in self.channel_mults:
+            if (self.base_channels * mult) % self.norm_groups:
+                raise ConfigError(
+                    f"ldm.base_channels: {self.base_channels} x {mult} is not divisible by "
+                    f"ldm.norm_groups {self.norm_groups}"
+                )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ldm.ema_decay: got {self.ema_decay}, expected in [0, 1)")
+        if self.ema_start < 0:
+            raise ConfigError(f"ldm.ema_start: got {self.ema_start}, expected >= 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"ldm.learning_rate: got {self.learning_rate}, expected > 0")
 
 
 @dataclasses.dataclass
 class SampleConfig:
-    """How ``sample`` draws volumes from a trained LDM."""
+    """How ``sample`` draws volumes from a trained LDM.
+
+    ``sampler``: ``ddim`` (deterministic with ``eta`` 0, ~50 steps) or ``ddpm`` (ancestral; with
+    ``steps`` equal to the training T it is the paper's sampler). ``clip_x0`` clamps each step's
+    predicted clean latent to [-1, 1] (the codebook range) as the paper does. ``previews`` writes a
+    PNG montage of all axial slices next to every volume.
+    """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50
+    eta: float = 0.0
+    clip_x0: bool = True
     batch_size: int = 4
+    previews: bool = True
     device: str = "auto"
 
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"sample.steps: got {self.steps}, expected >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"sample.batch_size: got {self.batch_size}, expected >= 1")
+        if self.eta < 0:
+            raise ConfigError(f"sample.eta: got {self.eta}, expected >= 0")
 
-LDM_TINY = {"max_steps": 300}
+
+LDM_TINY = {
+    "base_channels": 32,
+    "channel_mults": [1, 2, 2],
+    "attention_heads": 4,
+    "attention_head_channels": 16,
+    "max_steps": 3000,
+    "batch_size": 4,
+    "grad_accumulation": 1,
+    "learning_rate": 5e-4,
+    "ema_decay": 0.99,
+    "ema_every": 1,
+    "ema_start": 200,
+    "log_every": 25,
+    "checkpoint_every": 250,
+}
 SAMPLE_TINY = {"batch_size": 4}

@@ -4,13 +4,72 @@ from __future__ import annotations
 
 import dataclasses
 
+from bladdergen.errors import ConfigError
+
 
 @dataclasses.dataclass
 class EvaluateConfig:
-    """Metric settings shared by ``evaluate seg`` and ``evaluate gen``."""
+    """Metric settings shared by ``evaluate seg``, ``evaluate gen`` and the reader-study kit.
+
+    Segmentation:
+    ``bootstrap_samples`` / ``confidence``: paired-difference bootstrap (cases resampled, seeded by
+    the pipeline ``seed``). ``hd_percentile``: the Hausdorff percentile (95 gives HD95).
+
+    Generated volumes (all intensities in HU):
+    ``hu_range``: HU range every volume is clipped to before comparison (real raw scans and windowed
+    synthetic volumes then share one range); ``body_threshold_hu``: voxels above it are "inside the
+    body" for histograms and texture; ``histogram_bins``: bins over ``hu_range``.
+    ``compare_size``: in-plane grid (X, Y) every volume is resampled to for similarity measures
+    (``None`` keeps the first synthetic volume's grid). ``max_pairs``: pairs sampled for the MS-SSIM
+    diversity estimate within a set. ``near_copy_msssim``: a synthetic volume whose MS-SSIM with a
+    real volume exceeds this is flagged as a near-copy. ``plausible_range_margin``: the real range of
+    wall thickness and bladder volume is widened by this fraction on both sides.
+    ``montage_cases``: volumes per group shown in the report montage.
+    """
 
     bootstrap_samples: int = 2000
     confidence: float = 0.95
+    hd_percentile: float = 95.0
+    hu_range: tuple[float, float] = (-200.0, 300.0)
+    body_threshold_hu: float = -150.0
+    histogram_bins: int = 50
+    compare_size: tuple[int, int] | None = (128, 128)
+    max_pairs: int = 200
+    near_copy_msssim: float = 0.95
+    plausible_range_margin: float = 0.2
+    montage_cases: int = 4
+
+    def validate(self) -> None:
+        if self.bootstrap_samples < 100:
+            raise ConfigError(
+                f"evaluate.bootstrap_samples: got {self.bootstrap_samples}, expected >= 100"
+            )
+        if not 0.5 <= self.confidence < 1.0:
+            raise ConfigError(f"evaluate.confidence: got {self.confidence}, expected in [0.5, 1)")
+        if not 0.0 < self.hd_percentile <= 100.0:
+            raise ConfigError(
+                f"evaluate.hd_percentile: got {self.hd_percentile}, expected in (0, 100]"
+            )
+        if self.hu_range[0] >= self.hu_range[1]:
+            raise ConfigError(f"evaluate.hu_range: got {list(self.hu_range)}, expected [low, high]")
+        if self.histogram_bins < 2:
+            raise ConfigError(f"evaluate.histogram_bins: got {self.histogram_bins}, expected >= 2")
+        if self.compare_size is not None and min(self.compare_size) < 8:
+            raise ConfigError(
+                f"evaluate.compare_size: got {list(self.compare_size)}, expected >= 8 voxels each"
+            )
+        if self.max_pairs < 1:
+            raise ConfigError(f"evaluate.max_pairs: got {self.max_pairs}, expected >= 1")
+        if not 0.0 < self.near_copy_msssim <= 1.0:
+            raise ConfigError(
+                f"evaluate.near_copy_msssim: got {self.near_copy_msssim}, expected in (0, 1]"
+            )
+        if self.plausible_range_margin < 0:
+            raise ConfigError(
+                f"evaluate.plausible_range_margin: got {self.plausible_range_margin}, expected >= 0"
+            )
+        if self.montage_cases < 1:
+            raise ConfigError(f"evaluate.montage_cases: got {self.montage_cases}, expected >= 1")
 
 
-TINY: dict = {}
+TINY: dict = {"bootstrap_samples": 500, "compare_size": [64, 64], "max_pairs": 50}

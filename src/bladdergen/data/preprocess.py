@@ -1,0 +1,273 @@
+"""The preprocessing steps for one scan, shared by ``preprocess``, ``segment`` and the sample pool.
+
+One image goes through, in this order (each step recorded in ``PreparedImage.record``):
+
+1. **reorient** the index axes to the canonical orientation (RAS by default; nibabel orientations,
+   so only axis permutations and flips, no interpolation);
+2. **in-plane resampling** (X, Y) to ``target_size`` voxels or ``target_spacing`` mm, the field of
+   view kept corner to corner (bilinear with antialiasing for images, nearest for labels);
+3. the **depth policy** to ``target_depth`` slices (:mod:`bladdergen.data.depth`);
+4. **intensity**: HU -> [-1, 1] through the window (:func:`bladdergen.data.intensity.hu_to_unit`).
+
+A label goes through the same geometric steps with nearest-neighbour choices
+(:func:`prepare_label`), and its values are mapped to classes 0/1/2 with the configured label map.
+:func:`restore_label` undoes the geometry, so a class map predicted on the preprocessed grid goes
+back onto the original scan's voxel grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from bladdergen.data.config import PreprocessConfig
+from bladdergen.data.depth import DepthPlan, apply_depth, invert_depth
+from bladdergen.data.intensity import hu_to_unit
+from bladdergen.data.volumes import Volume
+from bladdergen.errors import InputError
+
+RECORD_VERSION = 1
+
+
+@dataclasses.dataclass
+class PreparedImage:
+    """An image on the preprocessed grid.
+
+    ``image``: float32 (X, Y, Z) in [-1, 1]. ``affine``: 4x4 voxel -> world (RAS mm) of that grid.
+    ``record``: JSON-able dict of every step (see :func:`prepare_image`); pass it to
+    :func:`prepare_label` and :func:`restore_label`.
+    """
+
+    image: np.ndarray
+    affine: np.ndarray
+    record: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry helpers
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return [float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
+
+
+def _axcodes(affine: np.ndarray) -> str:
+    return "".join(str(c) for c in nib.orientations.aff2axcodes(np.asarray(affine)))
+
+
+def _corner_index_map(n_in: tuple[int, int], n_out: tuple[int, int]) -> np.ndarray:
+    """4x4 matrix: output (X, Y) voxel index -> input index, fields of view aligned at the corners."""
+    matrix = np.eye(4)
+    for axis in (0, 1):
+        scale = n_in[axis] / n_out[axis]
+        matrix[axis, axis] = scale
+        matrix[axis, 3] = 0.5 * scale - 0.5
+    return matrix
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """For each output voxel, the input voxel containing its centre (corner-aligned grids)."""
+    return (2 * np.arange(n_out) + 1) * n_in // (2 * n_out)
+
+
+def _resample_inplane_linear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (X, Y) resampling of a float32 (X, Y, Z) volume, antialiased when shrinking."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[:, None]
+    shrink = size[0] < array.shape[0] or size[1] < array.shape[1]
+    out = F.interpolate(
+        tensor, size=size, mode="bilinear", align_corners=False, antialias=shrink
+    )  # (Z, 1, X', Y')
+    return np.ascontiguousarray(out[:, 0].numpy().transpose(1, 2, 0))
+
+
+def _resample_inplane_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    ix = _nearest_index(array.shape[0], size[0])
+    iy = _nearest_index(array.shape[1], size[1])
+    return np.ascontiguousarray(array[ix][:, iy])
+
+
+def _target_inplane_size(
+    shape: tuple[int, int], spacing: tuple[float, float], config: PreprocessConfig
+) -> tuple[int, int]:
+    if config.target_size is not None:
+        return (int(config.target_size[0]), int(config.target_size[1]))
+    if config.target_spacing is not None:
+        return tuple(
+            max(1, int(round(n * s / t)))
+            for n, s, t in zip(shape, spacing, config.target_spacing, strict=True)
+        )
+    return (int(shape[0]), int(shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward steps
+
+
+def prepare_image(volume: Volume, config: PreprocessConfig) -> PreparedImage:
+    """Reorient, resample in-plane, apply the depth policy and window one image.
+
+    ``volume.array``: (X, Y, Z) HU. Returns a :class:`PreparedImage` whose ``image`` has shape
+    ``(*target in-plane size, config.target_depth)``, float32 in [-1, 1], and whose ``record``
+    holds: original shape/spacing/orientation/affine, the orientation transform, the in-plane
+    resampling, the depth plan (slices removed/padded, by index) and the HU window.
+    """
+    array = np.asarray(volume.array, dtype=np.float32)
+    original_affine = np.asarray(volume.affine, dtype=np.float64)
+
+    # 1. reorient (pure permutation/flip of the index axes)
+    current = nib.orientations.io_orientation(original_affine)
+    wanted = nib.orientations.axcodes2ornt(tuple(config.orientation))
+    transform = nib.orientations.ornt_transform(current, wanted)
+    array = nib.orientations.apply_orientation(array, transform)
+    affine = original_affine @ nib.orientations.inv_ornt_aff(transform, volume.array.shape)
+    oriented_shape = tuple(int(n) for n in array.shape)
+    oriented_spacing = _spacing(affine)
+
+    # 2. in-plane resampling
+    size = _target_inplane_size(oriented_shape[:2], oriented_spacing[:2], config)
+    resampled = size != oriented_shape[:2]
+    if resampled:
+        array = _resample_inplane_linear(array, size)
+        affine = affine @ _corner_index_map(oriented_shape[:2], size)
+
+    # 3. depth policy
+    plan = DepthPlan.make(oriented_shape[2], config.target_depth, config.depth_policy)
+    array = apply_depth(array, plan, nearest=False)
+    affine = affine @ plan.z_index_map()
+
+    # 4. intensity window
+    image = hu_to_unit(array, config.window)
+
+    record = {
+        "record_version": RECORD_VERSION,
+        "original": {
+            "shape": [int(n) for n in volume.array.shape],
+            "spacing": _spacing(original_affine),
+            "orientation": _axcodes(original_affine),
+            "affine": original_affine.tolist(),
+        },
+        "reorient": {
+            "to": config.orientation,
+            "transform": transform.astype(int).tolist(),
+            "shape": list(oriented_shape),
+        },
+        "resample_inplane": {
+            "applied": bool(resampled),
+            "shape_in": list(oriented_shape[:2]),
+            "shape_out": list(size),
+            "spacing_in": oriented_spacing[:2],
+            "spacing_out": _spacing(affine)[:2],
+        },
+        "depth": plan.to_record(),
+        "window": [float(config.window[0]), float(config.window[1])],
+        "output": {
+            "shape": [int(n) for n in image.shape],
+            "spacing": _spacing(affine),
+            "orientation": _axcodes(affine),
+            "affine": affine.tolist(),
+        },
+    }
+    return PreparedImage(image=image, affine=affine, record=record)
+
+
+def prepare_label(label: Volume, record: dict[str, Any], label_map: dict[int, int]) -> np.ndarray:
+    """Apply the geometric steps of ``record`` to a label and map its values to classes.
+
+    ``label.array``: (X, Y, Z) on the image's original grid, values in ``label_map``'s keys.
+    Returns uint8 classes on the preprocessed grid. Raises InputError for unexpected values.
+    """
+    classes = label_values_to_classes(label.array, label_map, label.source)
+    transform = np.array(record["reorient"]["transform"])
+    classes = nib.orientations.apply_orientation(classes, transform)
+    step = record["resample_inplane"]
+    if step["applied"]:
+        classes = _resample_inplane_nearest(classes, tuple(step["shape_out"]))
+    plan = DepthPlan.from_record(record["depth"])
+    return apply_depth(np.ascontiguousarray(classes), plan, nearest=True).astype(np.uint8)
+
+
+def label_values_to_classes(
+    values: np.ndarray, label_map: dict[int, int], source: Path | str = "label"
+) -> np.ndarray:
+    """Dataset label values (e.g. 0/255/128) -> uint8 classes (0/1/2) via ``label_map``.
+
+    Raises InputError naming ``source`` when a value is not an integer key of ``label_map``.
+    """
+    values = np.asarray(values)
+    found = np.unique(values)
+    expected = sorted(int(k) for k in label_map)
+    unexpected = [v for v in found.tolist() if v not in expected]
+    if unexpected:
+        shown = ", ".join(_format_value(v) for v in found.tolist()[:12])
+        raise InputError(
+            f"{source}: found label values {{{shown}}}, expected a subset of "
+            f"{{{', '.join(str(v) for v in expected)}}}"
+        )
+    lookup = np.zeros(max(expected) + 1, dtype=np.uint8)
+    for value, cls in label_map.items():
+        lookup[int(value)] = int(cls)
+    return lookup[values.astype(np.int64)]
+
+
+def _format_value(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def classes_to_label_values(
+    classes: np.ndarray, label_map: dict[int, int] | None = None
+) -> np.ndarray:
+    """Classes 0/1/2 -> the dataset's label values (0/255/128 by default), as uint8.
+
+    ``label_map`` is value -> class (as in the config and manifest); it is inverted here.
+    """
+    label_map = label_map if label_map is not None else PreprocessConfig().label_map
+    inverse = {int(cls): int(value) for value, cls in label_map.items()}
+    lookup = np.zeros(max(inverse) + 1, dtype=np.int64)
+    for cls, value in inverse.items():
+        lookup[cls] = value
+    classes = np.asarray(classes)
+    if classes.size and (classes.min() < 0 or classes.max() > max(inverse)):
+        raise ValueError(f"class map holds values outside 0..{max(inverse)}")
+    out = lookup[classes.astype(np.int64)]
+    dtype = np.uint8 if out.max(initial=0) <= 255 else np.int16
+    return out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inverse
+
+
+def restore_label(classes: np.ndarray, record: dict[str, Any]) -> np.ndarray:
+    """Map a class map on the preprocessed grid back onto the original image's voxel grid.
+
+    ``classes``: (X', Y', T) on the grid :func:`prepare_image` produced with ``record``. Undoes
+    the depth policy (:func:`bladdergen.data.depth.invert_depth`), the in-plane resampling
+    (nearest neighbour) and the reorientation. Returns an array of ``record["original"]["shape"]``
+    with ``classes``' dtype; write it with ``record["original"]["affine"]``.
+    """
+    expected = tuple(record["output"]["shape"])
+    if tuple(classes.shape) != expected:
+        raise InputError(
+            f"class map has shape {tuple(classes.shape)}, expected {expected} (the preprocessed grid)"
+        )
+    plan = DepthPlan.from_record(record["depth"])
+    array = invert_depth(np.asarray(classes), plan)
+    step = record["resample_inplane"]
+    if step["applied"]:
+        array = _resample_inplane_nearest(array, tuple(step["shape_in"]))
+    # The inverse of "original axes -> canonical" is "canonical -> original axes".
+    current = nib.orientations.io_orientation(np.array(record["original"]["affine"]))
+    canonical = nib.orientations.axcodes2ornt(tuple(record["reorient"]["to"]))
+    inverse = nib.orientations.ornt_transform(canonical, current)
+    original = tuple(record["original"]["shape"])
+    array = nib.orientations.apply_orientation(array, inverse)
+    if tuple(array.shape) != original:
+        raise ValueError(f"restored shape {array.shape} differs from original {original}")
+    return np.ascontiguousarray(array)

@@ -1,0 +1,131 @@
+"""The images DeepAtlas trains on: labeled training cases, a held-out validation split, and the
+unlabeled pool (real unlabeled scans and synthetic volumes from ``sample``).
+
+A pool folder is either a preprocessed set (``manifest.json`` from ``bladdergen preprocess``: its
+images are used as they are) or a folder of raw volumes in HU (NIfTI, .mha/.nrrd, DICOM series
+folders, e.g. what ``sample`` writes). Raw volumes go through :func:`prepare_image` with the
+training data's preprocess settings, once, into ``RUN_DIR/prepared/<pool>/``; a resumed run reuses
+those files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from bladdergen.data.config import PreprocessConfig
+from bladdergen.data.dataset import MANIFEST_NAME, PreprocessedSet
+from bladdergen.errors import InputError
+from bladdergen.progress import SILENT, Reporter
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolImage:
+    """One training image: ``image_path`` float32 [-1, 1] (X, Y, Z) NIfTI; ``label_path`` classes."""
+
+    case_id: str
+    source: str  # "labeled", "validation", "unlabeled" or "synthetic"
+    image_path: Path
+    label_path: Path | None = None
+
+
+class VolumeCache:
+    """Load NIfTI arrays on demand, keeping at most ``capacity`` of them in memory (oldest evicted)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._arrays: OrderedDict[Path, np.ndarray] = OrderedDict()
+
+    def get(self, path: Path, dtype: type = np.float32) -> np.ndarray:
+        if path in self._arrays:
+            self._arrays.move_to_end(path)
+            return self._arrays[path]
+        array = read_nifti_array(path).astype(dtype, copy=False)
+        self._arrays[path] = array
+        if len(self._arrays) > self.capacity:
+            self._arrays.popitem(last=False)
+        return array
+
+
+def read_nifti_array(path: Path) -> np.ndarray:
+    """The voxel array of a NIfTI file; InputError naming the file when it cannot be read."""
+    try:
+        return np.asanyarray(nib.load(str(path)).dataobj)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as error:
+        raise InputError(f"{path}: unreadable NIfTI ({error})") from None
+
+
+def split_labeled(
+    dataset: PreprocessedSet, val_cases: int, seed: int
+) -> tuple[list[str], list[str]]:
+    """Seeded split of the labeled case ids into (training, validation).
+
+    Raises InputError when fewer than ``val_cases + 1`` labeled cases exist.
+    """
+    labeled = sorted(c.case_id for c in dataset.labeled_cases)
+    if len(labeled) < val_cases + 1:
+        raise InputError(
+            f"{dataset.root}: {len(labeled)} labeled cases, expected at least {val_cases + 1} "
+            f"({val_cases} held out for validation, deepatlas.val_cases, and 1 for training)"
+        )
+    order = np.random.default_rng(seed).permutation(len(labeled))
+    validation = sorted(labeled[i] for i in order[:val_cases])
+    training = [c for c in labeled if c not in validation]
+    return training, validation
+
+
+def list_raw_volumes(folder: Path) -> list[Path]:
+    """Volume files (NIfTI, .mha, .nrrd, ...) and DICOM series sub-folders directly in ``folder``."""
+    from bladdergen.data.volumes import is_dicom_folder, volume_suffix
+
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith("."):
+            continue  # temporary files of atomic writes
+        if path.is_file() and volume_suffix(path) is not None:
+            found.append(path)
+        elif path.is_dir() and is_dicom_folder(path):
+            found.append(path)
+    return found
+
+
+def pool_from_folder(
+    folder: Path,
+    source: str,
+    prepared_dir: Path,
+    preprocess: PreprocessConfig,
+    reporter: Reporter = SILENT,
+) -> list[PoolImage]:
+    """All images of a pool folder (every case, labels ignored), prepared if they are raw volumes.
+
+    Raises InputError when the folder does not exist or holds no volumes.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: {source} folder not found")
+    if (folder / MANIFEST_NAME).is_file():
+        dataset = PreprocessedSet.open(folder)
+        return [PoolImage(f"{source}:{c.case_id}", source, c.image_path) for c in dataset.cases]
+    raw = list_raw_volumes(folder)
+    if not raw:
+        raise InputError(
+            f"{folder}: no volumes found, expected a preprocessed set or NIfTI/DICOM volumes"
+        )
+    from bladdergen.data.preprocess import prepare_image
+    from bladdergen.data.volumes import read_volume, strip_volume_suffix, write_nifti
+
+    images = []
+    with reporter.task(f"preparing {source} volumes", total=len(raw)) as task:
+        for path in raw:
+            name = strip_volume_suffix(path)
+            out = Path(prepared_dir) / source / f"{name}.nii.gz"
+            if not out.is_file():
+                prepared = prepare_image(read_volume(path), preprocess)
+                write_nifti(out, prepared.image, prepared.affine, np.float32)
+            images.append(PoolImage(f"{source}:{name}", source, out))
+            task.advance(1)
+    return images

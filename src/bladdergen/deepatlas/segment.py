@@ -1,0 +1,188 @@
+"""``segment``: apply a trained segmentation net to CT scans, and the inference helpers that
+``evaluate`` shares (loading the model, class prediction, bottleneck features).
+
+Each input (NIfTI file, other SimpleITK volume, or DICOM series folder) is preprocessed exactly as
+the training data was (settings stored in the checkpoint), segmented with a sliding window of the
+training volume size, and its class map is taken back to the input's original grid, orientation and
+slice count and written as NIfTI with the input's affine, in the dataset's label values (0 / 255
+wall / 128 tumor by default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bladdergen import checkpoint as ckpt
+from bladdergen.config import from_mapping
+from bladdergen.deepatlas.config import DeepAtlasConfig
+from bladdergen.deepatlas.networks import SegmentationNet, expand_state_dict
+from bladdergen.errors import InputError
+from bladdergen.fileio import atomic_write_json
+from bladdergen.progress import SILENT, Reporter
+
+KIND = "deepatlas"
+
+
+def load_segmentation_model(
+    path_or_run_dir: Path | str, device: str | torch.device = "cpu", prefer_best: bool = True
+) -> tuple[SegmentationNet, dict[str, Any]]:
+    """The segmentation net of a ``train-deepatlas`` run folder or checkpoint, in eval mode.
+
+    In a run folder ``best.safetensors`` (best validation Dice) is preferred, else
+    ``model.safetensors``. Returns ``(net, metadata)``; ``net.roi_size`` is the training volume
+    shape and ``metadata`` holds the config, ``preprocess`` settings, ``window`` and
+    ``label_map``. Raises CheckpointError for a missing, foreign or mismatched checkpoint.
+    """
+    path = ckpt.resolve_weights(Path(path_or_run_dir), prefer_best=prefer_best)
+    tensors, metadata = ckpt.load_weights(path, expected_kind=KIND, device="cpu")
+    config = from_mapping(DeepAtlasConfig, metadata["config"]["deepatlas"], f"{path} metadata")
+    net = SegmentationNet.from_config(config)
+    weights = {k[len("seg_net.") :]: v for k, v in tensors.items() if k.startswith("seg_net.")}
+    ckpt.load_state_dict_strict(net, expand_state_dict(net, weights), path)
+    net.roi_size = tuple(metadata["train_shape"])
+    metadata = {**metadata, "checkpoint": str(path)}
+    return net.to(device).eval(), metadata
+
+
+@torch.no_grad()
+def predict_logits(
+    net: SegmentationNet, image: torch.Tensor, overlap: float = 0.25
+) -> torch.Tensor:
+    """Logits (B, 3, X, Y, Z) for images (B, 1, X, Y, Z) in [-1, 1].
+
+    A volume larger than the training size (``net.roi_size``) is covered by overlapping windows of
+    that size (MONAI ``sliding_window_inference``, Gaussian blending); a smaller one is padded.
+    """
+    from monai.inferers import sliding_window_inference
+
+    net.eval()
+    roi = tuple(net.roi_size) if net.roi_size is not None else tuple(image.shape[2:])
+    if tuple(image.shape[2:]) == roi:
+        return net(image)
+    return sliding_window_inference(
+        image, roi_size=roi, sw_batch_size=1, predictor=net, overlap=overlap, mode="gaussian"
+    )
+
+
+@torch.no_grad()
+def predict_classes(
+    net: SegmentationNet, image: torch.Tensor, overlap: float = 0.25
+) -> torch.Tensor:
+    """Class map (X, Y, Z) int64 (0 background, 1 wall, 2 tumor) of image (1, 1, X, Y, Z).
+
+    A batch (B, 1, X, Y, Z) gives (B, X, Y, Z).
+    """
+    classes = predict_logits(net, image, overlap).argmax(dim=1)
+    return classes[0] if image.shape[0] == 1 else classes
+
+
+@torch.no_grad()
+def segmentation_features(net: SegmentationNet, image: torch.Tensor) -> torch.Tensor:
+    """Bottleneck features averaged over space, (B, 1, X, Y, Z) -> (B, F) with F the deepest
+    filter count; a fixed feature extractor for distribution distances (e.g. FID-like scores)."""
+    net.eval()
+    return net.features(image)
+
+
+def dice_per_class(predicted: torch.Tensor, truth: torch.Tensor, n_classes: int = 3) -> list[float]:
+    """Dice of each class between two class maps of equal shape; NaN where both lack the class."""
+    scores = []
+    for cls in range(n_classes):
+        p, t = predicted == cls, truth == cls
+        denominator = int(p.sum()) + int(t.sum())
+        scores.append(2.0 * int((p & t).sum()) / denominator if denominator else float("nan"))
+    return scores
+
+
+def list_inputs(in_path: Path) -> list[Path]:
+    """One volume file or DICOM series folder, or a folder of them (sorted).
+
+    Raises InputError when nothing segmentable is found.
+    """
+    from bladdergen.data.volumes import is_dicom_folder, volume_suffix
+    from bladdergen.deepatlas.pools import list_raw_volumes
+
+    in_path = Path(in_path)
+    if not in_path.exists():
+        raise InputError(f"{in_path}: no such file or folder")
+    if in_path.is_file():
+        if volume_suffix(in_path) is None:
+            raise InputError(
+                f"{in_path}: not a volume file, expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder"
+            )
+        return [in_path]
+    if is_dicom_folder(in_path):
+        return [in_path]
+    found = list_raw_volumes(in_path)
+    if not found:
+        raise InputError(
+            f"{in_path}: no NIfTI/.mha/.nrrd files or DICOM series found, expected CT volumes"
+        )
+    return found
+
+
+def segment_paths(
+    model: Path,
+    in_path: Path,
+    out_dir: Path,
+    device: str = "auto",
+    label_values: bool = True,
+    overwrite: bool = False,
+    overlap: float | None = None,
+    reporter: Reporter = SILENT,
+) -> dict[str, Any]:
+    """Segment every volume at ``in_path`` with the model at ``model``; write label maps to
+    ``out_dir`` as ``<input name>.nii.gz`` (uint8, input geometry) and ``segment.json``.
+
+    ``label_values``: write the dataset's values (0/255/128 by default), else classes 0/1/2.
+    ``overlap``: sliding-window overlap, default the run's ``deepatlas.sw_overlap``.
+    Raises InputError for unreadable inputs or an existing output without ``overwrite``,
+    CheckpointError for a bad model.
+    """
+    from bladdergen.config import from_mapping as config_from_mapping
+    from bladdergen.data.config import PreprocessConfig
+    from bladdergen.data.preprocess import classes_to_label_values, prepare_image, restore_label
+    from bladdergen.data.volumes import read_volume, strip_volume_suffix, write_nifti
+    from bladdergen.runtime import resolve_device
+
+    torch_device = resolve_device(device)
+    net, metadata = load_segmentation_model(model, torch_device)
+    preprocess = config_from_mapping(PreprocessConfig, metadata["preprocess"], "checkpoint")
+    label_map = {int(k): int(v) for k, v in metadata["label_map"].items()}
+    if overlap is None:
+        overlap = float(metadata["config"]["deepatlas"].get("sw_overlap", 0.25))
+    inputs = list_inputs(in_path)
+    out_dir = Path(out_dir)
+    outputs = {path: out_dir / f"{strip_volume_suffix(path)}.nii.gz" for path in inputs}
+    if not overwrite:
+        existing = [str(o) for o in outputs.values() if o.exists()]
+        if existing:
+            raise InputError(f"{existing[0]}: output exists; pass --overwrite to replace it")
+    cases = []
+    with reporter.task("segment", total=len(inputs)) as task:
+        for path, out in outputs.items():
+            volume = read_volume(path)
+            prepared = prepare_image(volume, preprocess)
+            image = torch.from_numpy(prepared.image)[None, None].to(torch_device)
+            classes = predict_classes(net, image, overlap).cpu().numpy().astype(np.uint8)
+            restored = restore_label(classes, prepared.record)
+            values = classes_to_label_values(restored, label_map) if label_values else restored
+            write_nifti(out, values, volume.affine, np.uint8)
+            counts = {
+                name: int((restored == i).sum())
+                for i, name in enumerate(("background", "wall", "tumor"))
+            }
+            cases.append({"input": str(path), "output": str(out), "voxels": counts})
+            task.advance(1)
+    summary = {
+        "model": metadata["checkpoint"],
+        "mode": metadata.get("mode"),
+        "label_values": label_values,
+        "cases": cases,
+    }
+    atomic_write_json(out_dir / "segment.json", summary)
+    return {"out_dir": str(out_dir), "segmented": len(cases), "model": metadata["checkpoint"]}

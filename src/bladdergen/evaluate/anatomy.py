@@ -1,0 +1,179 @@
+"""Anatomy plausibility of a volume from a trained segmentation model, and the model adapter.
+
+A bladder is *plausible* when the predicted wall is one connected piece (its largest component
+holds at least ``MIN_MAIN_COMPONENT`` of the wall voxels), it encloses a lumen in the axial slices,
+its wall thickness and its volume lie within the range measured the same way on the real volumes
+(widened by a margin), and any tumor touches the wall.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from scipy import ndimage
+
+from bladdergen.errors import InputError
+
+MIN_MAIN_COMPONENT = 0.9
+ANATOMY_FIELDS = (
+    "wall_voxels",
+    "wall_main_component",
+    "lumen_ml",
+    "bladder_ml",
+    "wall_thickness_mm",
+    "tumor_voxels",
+    "tumor_touches_wall",
+)
+
+
+class Segmenter(Protocol):
+    """What ``evaluate gen`` needs from a segmentation model."""
+
+    window: tuple[float, float]
+
+    def classes(self, image: np.ndarray) -> np.ndarray:
+        """(X, Y, Z) image in [-1, 1] -> (X, Y, Z) class indices (0 bg, 1 wall, 2 tumor)."""
+
+    def features(self, image: np.ndarray) -> np.ndarray:
+        """(X, Y, Z) image in [-1, 1] -> (F,) feature vector."""
+
+
+class DeepAtlasSegmenter:
+    """Adapter over ``bladdergen.deepatlas.segment``'s model functions (CPU or GPU)."""
+
+    def __init__(self, net: Any, metadata: dict[str, Any], window: tuple[float, float], device):
+        self.net = net
+        self.metadata = metadata
+        self.window = window
+        self.device = device
+
+    def _tensor(self, image: np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(
+            self.device
+        )
+
+    def classes(self, image: np.ndarray) -> np.ndarray:
+        import torch
+
+        from bladdergen.deepatlas.segment import predict_classes
+
+        with torch.no_grad():
+            out = predict_classes(self.net, self._tensor(image))
+        return np.asarray(out.cpu() if hasattr(out, "cpu") else out).astype(np.uint8)
+
+    def features(self, image: np.ndarray) -> np.ndarray:
+        import torch
+
+        from bladdergen.deepatlas.segment import segmentation_features
+
+        with torch.no_grad():
+            out = segmentation_features(self.net, self._tensor(image))
+        return np.asarray(out.cpu() if hasattr(out, "cpu") else out, dtype=np.float64).reshape(-1)
+
+
+def load_segmenter(path: Path, device: str, default_window: tuple[float, float]) -> Segmenter:
+    """Load a trained segmentation model (run folder or checkpoint) through the DeepAtlas stage.
+
+    The HU window comes from the checkpoint metadata when it records one, else ``default_window``.
+    """
+    try:
+        from bladdergen.deepatlas.segment import load_segmentation_model
+    except ImportError as error:
+        raise InputError(
+            f"--seg-model {path}: this installation has no segmentation model loader "
+            f"(bladdergen.deepatlas.segment: {error}); run without --seg-model"
+        ) from None
+
+    from bladdergen.runtime import resolve_device
+
+    torch_device = resolve_device(device)
+    net, metadata = load_segmentation_model(path, torch_device)
+    window = metadata.get("window") if isinstance(metadata, dict) else None
+    if window is None and isinstance(metadata, dict):
+        window = (metadata.get("config", {}).get("preprocess", {}) or {}).get("window")
+    window = tuple(float(w) for w in (window or default_window))
+    return DeepAtlasSegmenter(
+        net, metadata if isinstance(metadata, dict) else {}, window, torch_device
+    )
+
+
+def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, Any]:
+    """Bladder measurements of one (X, Y, Z) class map; ``spacing`` in mm.
+
+    ``wall_main_component``: fraction of wall voxels in the largest 26-connected wall piece;
+    ``lumen_ml``: the axial-slice holes enclosed by the wall (tumor included), in ml;
+    ``bladder_ml``: wall + lumen; ``wall_thickness_mm``: in-plane thickness from the wall's
+    distance-transform ridge (2 x ridge distance - one voxel); ``tumor_touches_wall``: a tumor
+    voxel is 26-adjacent to a wall voxel (None when there is no tumor).
+    """
+    wall = classes == 1
+    tumor = classes == 2
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    result: dict[str, Any] = {
+        "wall_voxels": int(wall.sum()),
+        "wall_main_component": 0.0,
+        "lumen_ml": 0.0,
+        "bladder_ml": 0.0,
+        "wall_thickness_mm": None,
+        "tumor_voxels": int(tumor.sum()),
+        "tumor_touches_wall": None,
+    }
+    if tumor.any():
+        near_wall = ndimage.binary_dilation(wall, structure=np.ones((3, 3, 3), bool))
+        result["tumor_touches_wall"] = bool((tumor & near_wall).any())
+    if not wall.any():
+        return result
+    components, count = ndimage.label(wall, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(components.ravel())[1:]
+    result["wall_main_component"] = float(sizes.max() / sizes.sum())
+    filled = np.zeros_like(wall)
+    ridges = []
+    in_plane = (spacing[0], spacing[1])
+    for z in range(wall.shape[2]):
+        wall_slice = wall[:, :, z]
+        if not wall_slice.any():
+            continue
+        filled[:, :, z] = ndimage.binary_fill_holes(wall_slice)
+        distance = ndimage.distance_transform_edt(wall_slice, sampling=in_plane)
+        ridge = wall_slice & (distance == ndimage.maximum_filter(distance, size=3))
+        ridges.append(distance[ridge])
+    lumen = filled & ~wall
+    result["lumen_ml"] = float(lumen.sum()) * voxel_ml
+    result["bladder_ml"] = float(filled.sum()) * voxel_ml
+    ridge_values = np.concatenate(ridges)
+    result["wall_thickness_mm"] = float(2.0 * ridge_values.mean() - np.mean(in_plane))
+    return result
+
+
+def real_ranges(measurements: list[dict[str, Any]], margin: float) -> dict[str, list[float]]:
+    """[low, high] of wall thickness and bladder volume over the real volumes with a wall,
+    widened by ``margin`` x the value at each end. Empty dict when no real volume has a wall."""
+    ranges = {}
+    for key in ("wall_thickness_mm", "bladder_ml"):
+        values = [m[key] for m in measurements if m["wall_voxels"] and m[key] is not None]
+        if values:
+            ranges[key] = [min(values) * (1 - margin), max(values) * (1 + margin)]
+    return ranges
+
+
+def plausibility(measurement: dict[str, Any], ranges: dict[str, list[float]]) -> dict[str, Any]:
+    """The individual checks and their conjunction ``plausible`` for one measured volume."""
+    checks = {
+        "has_wall": measurement["wall_voxels"] > 0,
+        "one_connected_wall": measurement["wall_main_component"] >= MIN_MAIN_COMPONENT,
+        "encloses_lumen": measurement["lumen_ml"] > 0,
+        "tumor_on_wall": measurement["tumor_touches_wall"] is not False,
+    }
+    for key, check in (
+        ("wall_thickness_mm", "thickness_in_range"),
+        ("bladder_ml", "volume_in_range"),
+    ):
+        value = measurement[key]
+        low, high = ranges.get(key, [-np.inf, np.inf])
+        checks[check] = value is not None and low <= value <= high
+    checks["plausible"] = all(checks.values())
+    return checks

@@ -1,0 +1,241 @@
+"""The 3D VQ-GAN autoencoder: encoder -> 1x1x1 projection -> codebook -> decoder.
+
+Layout ``(B, C, X, Y, Z)``, Z the axial slice axis. After Medical Diffusion / TATS: a 3x3x3 input
+conv, per stage one strided conv (kernel 4, stride 2 on every axis still to be downsampled, kernel
+3 stride 1 on the others) and one residual block, GroupNorm + SiLU, a 1x1x1 conv to the latent;
+the decoder mirrors it with two residual blocks per stage and no output activation. Every conv pads
+with *replicate* ("same" size), so borders are not pulled towards zero (air is -1, not 0).
+Upsampling is nearest-neighbour + conv instead of a transposed conv: same receptive field, no
+checkerboard artefacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bladdergen.errors import InputError
+from bladdergen.vqgan.codebook import Codebook
+from bladdergen.vqgan.config import VQGANConfig
+
+
+def _groups(channels: int, wanted: int) -> int:
+    """Largest group count <= ``wanted`` that divides ``channels`` (GroupNorm needs a divisor)."""
+    return math.gcd(channels, wanted)
+
+
+class SamePadConv3d(nn.Module):
+    """Conv3d with replicate padding so the output is input / stride on every axis."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int], stride=(1, 1, 1)):
+        super().__init__()
+        pads = []
+        for k, s in zip(reversed(kernel), reversed(stride), strict=True):
+            total = k - s
+            pads += [total - total // 2, total // 2]  # the extra voxel goes in front
+        self.pad = tuple(pads)
+        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad, mode="replicate"))
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> conv3 -> norm -> SiLU -> conv3, plus identity; channels unchanged."""
+
+    def __init__(self, channels: int, num_groups: int) -> None:
+        super().__init__()
+        groups = _groups(channels, num_groups)
+        self.body = nn.Sequential(
+            nn.GroupNorm(groups, channels, eps=1e-6),
+            nn.SiLU(),
+            SamePadConv3d(channels, channels, (3, 3, 3)),
+            nn.GroupNorm(groups, channels, eps=1e-6),
+            nn.SiLU(),
+            SamePadConv3d(channels, channels, (3, 3, 3)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def stage_strides(downsample: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Per-stage strides: stage i halves every axis whose factor needs more than i halvings.
+
+    (8, 8, 2) -> [(2, 2, 2), (2, 2, 1), (2, 2, 1)].
+    """
+    halvings = [int(math.log2(f)) for f in downsample]
+    return [
+        tuple(2 if h > stage else 1 for h in halvings)  # type: ignore[misc]
+        for stage in range(max(halvings, default=0))
+    ]
+
+
+class Encoder(nn.Module):
+    """(B, 1, X, Y, Z) -> (B, E, X/fx, Y/fy, Z/fz) continuous latent."""
+
+    def __init__(self, config: VQGANConfig) -> None:
+        super().__init__()
+        width = config.n_hiddens
+        self.conv_first = SamePadConv3d(1, width, (3, 3, 3))
+        self.stages = nn.ModuleList()
+        for stride in stage_strides(config.downsample):
+            kernel = tuple(4 if s == 2 else 3 for s in stride)
+            self.stages.append(
+                nn.Sequential(
+                    SamePadConv3d(width, width * 2, kernel, stride),
+                    ResBlock(width * 2, config.num_groups),
+                )
+            )
+            width *= 2
+        self.final = nn.Sequential(
+            nn.GroupNorm(_groups(width, config.num_groups), width, eps=1e-6), nn.SiLU()
+        )
+        self.pre_vq = nn.Conv3d(width, config.embedding_dim, 1)
+        self.checkpointing = config.activation_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_first(x)
+        for stage in self.stages:
+            h = _maybe_checkpoint(stage, h, self.checkpointing and self.training)
+        return self.pre_vq(self.final(h))
+
+
+class Decoder(nn.Module):
+    """(B, E, x, y, z) latent -> (B, 1, X, Y, Z) image (no output activation)."""
+
+    def __init__(self, config: VQGANConfig) -> None:
+        super().__init__()
+        strides = stage_strides(config.downsample)
+        width = config.n_hiddens * 2 ** len(strides)
+        self.post_vq = nn.Conv3d(config.embedding_dim, width, 1)
+        self.first = nn.Sequential(
+            nn.GroupNorm(_groups(width, config.num_groups), width, eps=1e-6), nn.SiLU()
+        )
+        self.scales: list[tuple[int, int, int]] = []
+        self.stages = nn.ModuleList()
+        for stride in reversed(strides):
+            out = max(width // 2, config.n_hiddens)
+            self.scales.append(stride)
+            self.stages.append(
+                nn.Sequential(
+                    SamePadConv3d(width, out, (3, 3, 3)),
+                    ResBlock(out, config.num_groups),
+                    ResBlock(out, config.num_groups),
+                )
+            )
+            width = out
+        self.conv_last = SamePadConv3d(width, 1, (3, 3, 3))
+        self.checkpointing = config.activation_checkpointing
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.first(self.post_vq(z))
+        for scale, stage in zip(self.scales, self.stages, strict=True):
+            h = F.interpolate(h, scale_factor=scale, mode="nearest")
+            h = _maybe_checkpoint(stage, h, self.checkpointing and self.training)
+        return self.conv_last(h)
+
+
+def _maybe_checkpoint(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """Activation checkpointing: recompute the stage in backward instead of storing it."""
+    if enabled and x.requires_grad:
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
+
+@dataclasses.dataclass
+class VQGANOutput:
+    """What a training forward pass returns.
+
+    ``x_hat`` (B, 1, X, Y, Z); ``z_e`` (B, E, x, y, z) pre-quantisation latent; ``z_q`` quantised
+    latent (straight-through); ``indices`` (B, x, y, z); ``commitment`` unweighted scalar;
+    ``perplexity`` and ``used_fraction`` of the batch's codes.
+    """
+
+    x_hat: torch.Tensor
+    z_e: torch.Tensor
+    z_q: torch.Tensor
+    indices: torch.Tensor
+    commitment: torch.Tensor
+    perplexity: torch.Tensor
+    used_fraction: torch.Tensor
+
+
+class VQGAN(nn.Module):
+    """The stage-1 autoencoder. Inputs are CT volumes in [-1, 1], shape (B, 1, X, Y, Z)."""
+
+    def __init__(self, config: VQGANConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.codebook = Codebook(
+            config.n_codes,
+            config.embedding_dim,
+            decay=config.codebook_decay,
+            eps=config.codebook_eps,
+            restart_threshold=config.restart_threshold,
+            chunk=config.search_chunk,
+        )
+
+    def latent_shape(self, volume_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        """(X, Y, Z) voxels -> (E, X/fx, Y/fy, Z/fz); InputError if an axis is not divisible."""
+        shape = tuple(int(n) for n in volume_shape)
+        for axis, n, f in zip("XYZ", shape, self.config.downsample, strict=True):
+            if n % f:
+                raise InputError(
+                    f"volume shape {list(shape)}: {axis} size {n} is not divisible by the "
+                    f"VQ-GAN downsampling factor {f} (vqgan.downsample "
+                    f"{list(self.config.downsample)})"
+                )
+        fx, fy, fz = self.config.downsample
+        return (self.config.embedding_dim, shape[0] // fx, shape[1] // fy, shape[2] // fz)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) in [-1, 1] -> continuous pre-quantisation latent (B, E, x, y, z)."""
+        self.latent_shape(tuple(x.shape[2:]))
+        return self.encoder(x)
+
+    def quantize(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes of (B, E, x, y, z) -> (z_q exact code vectors, indices (B, x, y, z)).
+
+        Never updates the codebook (the EMA update only happens in :meth:`forward` in train mode).
+        """
+        return self.codebook.lookup(z_e)
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """(B, E, x, y, z) quantised latent -> (B, 1, X, Y, Z) reconstruction."""
+        return self.decoder(z_q)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, x, y, z) code indices -> (B, 1, X, Y, Z) reconstruction."""
+        return self.decoder(self.codebook.embed(indices))
+
+    def forward(self, x: torch.Tensor) -> VQGANOutput:
+        """Training pass: encode, quantise (EMA update in train mode), decode."""
+        z_e = self.encode(x)
+        q = self.codebook(z_e)
+        return VQGANOutput(
+            x_hat=self.decoder(q.z_q),
+            z_e=z_e,
+            z_q=q.z_q,
+            indices=q.indices,
+            commitment=q.commitment,
+            perplexity=q.perplexity,
+            used_fraction=q.used_fraction,
+        )
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: (B, 1, X, Y, Z) -> (x_hat, indices); the codebook is not touched."""
+        z_q, indices = self.quantize(self.encode(x))
+        return self.decode(z_q), indices
+
+    def codebook_range(self) -> tuple[float, float]:
+        """Global (min, max) over all codebook entries: the LDM scales latents by these."""
+        return self.codebook.value_range()

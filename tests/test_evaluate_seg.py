@@ -1,0 +1,162 @@
+"""`evaluate seg`: metrics with analytically known answers, empty structures, inputs, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bladdergen.errors import InputError
+from bladdergen.evaluate.config import EvaluateConfig
+from bladdergen.evaluate.seg import evaluate_segmentation, score_structure
+
+SPACING = (0.8, 0.8, 2.5)
+
+
+def cube(shape, start, size):
+    mask = np.zeros(shape, bool)
+    x, y, z = start
+    mask[x : x + size, y : y + size, z : z + size] = True
+    return mask
+
+
+def brute_force_asd(a, b, spacing):
+    """Symmetric mean surface distance by enumerating boundary voxels (independent of MONAI)."""
+
+    def boundary(mask):
+        padded = np.pad(mask, 1)
+        inner = padded[1:-1, 1:-1, 1:-1].copy()
+        for axis in range(3):
+            for shift in (-1, 1):
+                inner &= np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+        return np.argwhere(mask & ~inner) * np.array(spacing)
+
+    pa, pb = boundary(a), boundary(b)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return float(np.concatenate([d.min(1), d.min(0)]).mean())
+
+
+def test_cubes_offset_by_k_voxels_give_dice_hd95_in_mm_along_the_shift_axis():
+    side, k = 6, 2
+    truth = cube((16, 16, 12), (3, 4, 3), side)
+    pred = cube((16, 16, 12), (3 + k, 4, 3), side)  # shifted along X (0.8 mm voxels)
+    score = score_structure(pred, truth, SPACING)
+    assert score["status"] == "ok"
+    assert score["dice"] == pytest.approx((side - k) / side)
+    # every surface point has its shifted twin at k voxels; the leading faces have nothing closer
+    assert score["hd_mm"] == pytest.approx(k * SPACING[0])
+    assert score["asd_mm"] == pytest.approx(brute_force_asd(pred, truth, SPACING), rel=1e-5)
+    assert score["volume_diff_ml"] == pytest.approx(0.0)
+
+
+def test_planes_offset_along_z_give_surface_distances_of_k_slice_spacings():
+    truth = np.zeros((10, 10, 8), bool)
+    truth[:, :, 2] = True
+    pred = np.zeros_like(truth)
+    pred[:, :, 5] = True
+    score = score_structure(pred, truth, SPACING)
+    assert score["dice"] == 0.0
+    assert score["hd_mm"] == pytest.approx(3 * SPACING[2])
+    assert score["asd_mm"] == pytest.approx(3 * SPACING[2])
+
+
+def test_identical_structures_score_dice_one_and_zero_distances():
+    mask = cube((12, 12, 8), (2, 2, 1), 5)
+    score = score_structure(mask, mask.copy(), SPACING)
+    assert score == {
+        "status": "ok",
+        "dice": 1.0,
+        "hd_mm": 0.0,
+        "asd_mm": 0.0,
+        "volume_truth_ml": pytest.approx(125 * 0.8 * 0.8 * 2.5 / 1000),
+        "volume_pred_ml": pytest.approx(125 * 0.8 * 0.8 * 2.5 / 1000),
+        "volume_diff_ml": 0.0,
+    }
+
+
+def test_both_empty_is_a_perfect_score_and_one_empty_has_no_distance():
+    empty = np.zeros((8, 8, 4), bool)
+    full = cube((8, 8, 4), (1, 1, 1), 2)
+    both = score_structure(empty, empty, SPACING)
+    assert (both["status"], both["dice"], both["hd_mm"], both["asd_mm"]) == ("both_empty", 1, 0, 0)
+    missed = score_structure(empty, full, SPACING)
+    assert (missed["status"], missed["dice"], missed["hd_mm"]) == ("missed", 0.0, None)
+    extra = score_structure(full, empty, SPACING)
+    assert (extra["status"], extra["asd_mm"]) == ("false_positive", None)
+    assert extra["volume_diff_ml"] == pytest.approx(8 * 0.8 * 0.8 * 2.5 / 1000)
+
+
+def write_labels(folder: Path, labels: dict[str, np.ndarray], spacing=SPACING) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for case_id, label in labels.items():
+        nib.save(nib.Nifti1Image(label, np.diag([*spacing, 1.0])), folder / f"{case_id}.nii.gz")
+    return folder
+
+
+def make_cases(convention: str, shift: int = 0) -> dict[str, np.ndarray]:
+    wall, tumor = (1, 2) if convention == "classes" else (255, 128)
+    cases = {}
+    for index in range(3):
+        label = np.zeros((12, 12, 6), np.uint8)
+        label[cube(label.shape, (2 + shift, 2, 1), 5)] = wall
+        if index == 1:
+            label[cube(label.shape, (3, 3, 2), 2)] = tumor
+        cases[f"case_{index}"] = label
+    return cases
+
+
+def test_label_conventions_are_detected_and_scored_alike(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("dataset"))
+    pred = write_labels(tmp_path / "pred", make_cases("classes"))
+    result = evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
+    assert result["label_conventions"] == {"truth": "dataset", "pred": "classes"}
+    assert result["dice"]["pred"] == {"wall": 1.0, "tumor": 1.0}
+
+
+def test_outputs_hold_per_case_rows_and_a_paired_difference_between_sets(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("classes"))
+    exact = write_labels(tmp_path / "exact", make_cases("classes"))
+    shifted = write_labels(tmp_path / "shifted", make_cases("classes", shift=1))
+    out = tmp_path / "out"
+    evaluate_segmentation([exact, shifted], truth, out, EvaluateConfig(bootstrap_samples=200))
+    rows = (out / "seg_cases.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 3 * 2  # header + sets x cases x classes
+    summary = json.loads((out / "seg_summary.json").read_text())
+    wall_dice = next(
+        c for c in summary["comparisons"] if c["class"] == "wall" and c["metric"] == "dice"
+    )
+    # wall cube of side 5 shifted by one voxel: Dice 4/5 on cases 0 and 2; on case 1 a 2x2x2
+    # tumor inside both walls leaves 117 wall voxels each with 100 - 8 = 92 shared: 184/234
+    expected = ((0.8 - 1.0) * 2 + (184 / 234 - 1.0)) / 3
+    assert wall_dice["n"] == 3
+    assert wall_dice["mean_difference"] == pytest.approx(expected)
+    assert wall_dice["ci_low"] <= wall_dice["mean_difference"] <= wall_dice["ci_high"]
+    assert "Paired differences" in (out / "seg_report.md").read_text()
+
+
+def test_missing_prediction_case_is_an_input_error_naming_it(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("classes"))
+    cases = make_cases("classes")
+    del cases["case_2"]
+    pred = write_labels(tmp_path / "pred", cases)
+    with pytest.raises(InputError, match="case_2"):
+        evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
+
+
+def test_prediction_on_another_grid_is_an_input_error(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("classes"))
+    pred = write_labels(tmp_path / "pred", make_cases("classes"), spacing=(1.0, 1.0, 2.5))
+    with pytest.raises(InputError, match="affine"):
+        evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
+
+
+def test_unknown_label_values_are_an_input_error_listing_them(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("classes"))
+    bad = make_cases("classes")
+    bad["case_0"][0, 0, 0] = 7
+    pred = write_labels(tmp_path / "pred", bad)
+    with pytest.raises(InputError, match=r"\[0, 1, 7\]"):
+        evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
