@@ -59,15 +59,16 @@ def _gaussian_oracle(schedule: NoiseSchedule, mu: float, sigma: float):
 def test_samplers_with_fewer_steps_than_training_reproduce_gaussian_data():
     schedule = NoiseSchedule.create("cosine", 300)
     oracle = _gaussian_oracle(schedule, mu=0.3, sigma=0.5)
-    generators = [torch.Generator().manual_seed(i) for i in range(2000)]
+    # (MONAI's DDPMScheduler gives std ~0.75 here at 250 of 1000 steps; see research/monai.md)
     for sampler in (
-        DDPMSampler(schedule, 30, clip_x0=False),
-        DDIMSampler(schedule, 30, clip_x0=False),
+        DDPMSampler(schedule, 100, clip_x0=False),
+        DDIMSampler(schedule, 50, clip_x0=False),
     ):
+        generators = [torch.Generator().manual_seed(i) for i in range(2000)]
         x_T = per_sample_noise((1, 1, 1, 1), generators, "cpu")
         x0 = sampler.sample(oracle, x_T, generators)
         assert abs(float(x0.mean()) - 0.3) < 0.04
-        assert abs(float(x0.std()) - 0.5) < 0.04
+        assert abs(float(x0.std()) - 0.5) < 0.035
 
 
 def test_per_sample_noise_does_not_depend_on_the_other_rows_of_the_batch():

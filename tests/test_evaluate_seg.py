@@ -135,6 +135,10 @@ def test_outputs_hold_per_case_rows_and_a_paired_difference_between_sets(tmp_pat
     assert wall_dice["mean_difference"] == pytest.approx(expected)
     assert wall_dice["ci_low"] <= wall_dice["mean_difference"] <= wall_dice["ci_high"]
     assert "Paired differences" in (out / "seg_report.md").read_text()
+    # tumor exists only in case_1: two both-empty cases count for Dice but not for distances
+    tumor = summary["sets"]["exact"]["tumor"]
+    assert tumor["status_counts"] == {"both_empty": 2, "ok": 1}
+    assert (tumor["dice"]["n"], tumor["hd_mm"]["n"]) == (3, 1)
 
 
 def test_missing_prediction_case_is_an_input_error_naming_it(tmp_path):
@@ -160,3 +164,12 @@ def test_unknown_label_values_are_an_input_error_listing_them(tmp_path):
     pred = write_labels(tmp_path / "pred", bad)
     with pytest.raises(InputError, match=r"\[0, 1, 7\]"):
         evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
+
+
+def test_predictions_without_a_truth_case_are_ignored(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("classes"))
+    cases = make_cases("classes")
+    cases["unlabeled_9"] = cases["case_0"]
+    pred = write_labels(tmp_path / "pred", cases)
+    result = evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
+    assert result["cases"] == 3

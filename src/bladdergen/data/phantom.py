@@ -9,8 +9,9 @@ wall into the lumen (~50-70 HU). Partial-volume blur and spatially correlated CT
 
 Geometry is drawn per case: in-plane spacing 0.6-0.9 mm at 512 voxels (the field of view stays the
 same at other sizes, so spacing scales with 512/size), 3-5 mm between slices, and a slice count
-around 24 (18-32), stored like a scanner export (index axes pointing left, posterior, superior:
-affine diag(-sx, -sy, sz)). Labels: 0 background, 255 bladder wall, 128 tumor.
+around 24 (18-32; case 0 below 24, case 1 above), stored like a scanner export (index axes
+pointing left, posterior, superior: affine diag(-sx, -sy, sz)).
+Labels: 0 background, 255 bladder wall, 128 tumor.
 
 Output layout (what ``bladdergen preprocess`` reads)::
 
@@ -119,7 +120,9 @@ def make_phantom(
     if size < 16:
         raise InputError(f"phantom size: got {size}, expected at least 16 voxels in-plane")
     rng = np.random.default_rng([seed, index])
-    n_slices = int(rng.integers(18, 33))
+    # Around 24 slices; case 0 has fewer and case 1 more, so every set exercises the depth policy.
+    low, high = {0: (18, 24), 1: (25, 33)}.get(index, (18, 33))
+    n_slices = int(rng.integers(low, high))
     spacing_xy = float(rng.uniform(0.6, 0.9)) * REFERENCE_SIZE / size
     spacing_z = float(rng.uniform(3.0, 5.0))
     tumor = bool(rng.random() < 0.5) if with_tumor is None else with_tumor

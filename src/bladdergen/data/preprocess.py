@@ -5,7 +5,7 @@ One image goes through, in this order (each step recorded in ``PreparedImage.rec
 1. **reorient** the index axes to the canonical orientation (RAS by default; nibabel orientations,
    so only axis permutations and flips, no interpolation);
 2. **in-plane resampling** (X, Y) to ``target_size`` voxels or ``target_spacing`` mm, the field of
-   view kept corner to corner (bilinear with antialiasing for images, nearest for labels);
+   view kept corner to corner (linear with antialiasing for images, nearest for labels);
 3. the **depth policy** to ``target_depth`` slices (:mod:`bladdergen.data.depth`);
 4. **intensity**: HU -> [-1, 1] through the window (:func:`bladdergen.data.intensity.hu_to_unit`).
 
@@ -74,17 +74,30 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return (2 * np.arange(n_out) + 1) * n_in // (2 * n_out)
 
 
-def _resample_inplane_linear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (X, Y) resampling of a float32 (X, Y, Z) volume, antialiased when shrinking."""
-    import torch
-    import torch.nn.functional as F
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of linear interpolation between corner-aligned grids.
 
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[:, None]
-    shrink = size[0] < array.shape[0] or size[1] < array.shape[1]
-    out = F.interpolate(
-        tensor, size=size, mode="bilinear", align_corners=False, antialias=shrink
-    )  # (Z, 1, X', Y')
-    return np.ascontiguousarray(out[:, 0].numpy().transpose(1, 2, 0))
+    A triangle kernel, widened by the shrink factor when shrinking so every input voxel
+    contributes (antialiasing, as PIL and torch's ``antialias=True`` do); rows sum to 1.
+    """
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale  # output centres in input units (voxel j: j+0.5)
+    offsets = (np.arange(n_in) + 0.5)[None, :] - centres[:, None]
+    weights = np.clip(1.0 - np.abs(offsets) / support, 0.0, None)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _resample_inplane_linear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Linear (X, Y) resampling of a float32 (X, Y, Z) volume, antialiased when shrinking.
+
+    Separable: two matrix products with :func:`_linear_weights`, one per in-plane axis.
+    """
+    wx = _linear_weights(array.shape[0], size[0])
+    wy = _linear_weights(array.shape[1], size[1])
+    out = np.tensordot(wx, array, axes=(1, 0))  # (X', Y, Z)
+    out = np.tensordot(wy, out, axes=(1, 1))  # (Y', X', Z)
+    return np.ascontiguousarray(out.transpose(1, 0, 2), dtype=np.float32)
 
 
 def _resample_inplane_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:

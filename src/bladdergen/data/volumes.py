@@ -196,17 +196,25 @@ def _first_line(error: BaseException) -> str:
 
 
 def write_nifti(
-    path: Path, array: np.ndarray, affine: np.ndarray, dtype: np.dtype | str = np.float32
+    path: Path,
+    array: np.ndarray,
+    affine: np.ndarray,
+    dtype: np.dtype | str = np.float32,
+    slope: float | None = None,
 ) -> Path:
     """Write ``array`` (X, Y, Z) as NIfTI at ``path`` atomically, cast to ``dtype``.
 
     ``affine``: 4x4 voxel -> world (RAS mm); it is stored as both sform and qform with the
     "scanner" code, and the units as mm, so viewers (3D Slicer, ITK-SNAP) place the volume
-    correctly. Integer dtypes are rounded, not truncated. Returns ``path``.
+    correctly. Integer dtypes are rounded, not truncated. ``slope``: store ``array / slope`` and
+    the NIfTI scale factor ``slope`` (readers get ``array`` back, quantised to ``slope`` steps).
+    Returns ``path``.
     """
     path = Path(path)
     dtype = np.dtype(dtype)
     data = np.asarray(array)
+    if slope is not None:
+        data = data / np.float32(slope)
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(data.dtype, np.integer):
         info = np.iinfo(dtype)
         data = np.clip(np.rint(data), info.min, info.max)
@@ -217,6 +225,8 @@ def write_nifti(
     image.header.set_sform(affine, code="scanner")
     image.header.set_qform(affine, code="scanner")
     image.header.set_xyzt_units(xyz="mm")
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return path

@@ -23,7 +23,9 @@ class DeepAtlasConfig:
     The registration net sees ``cat(moving, target)`` and predicts a displacement field in voxels,
     channel k along spatial axis k; with ``diffeomorphic`` it is a velocity field integrated by
     scaling and squaring (``integration_steps``). ``reg_inplane_downsample`` runs the registration
-    net on an in-plane average-pooled pair and upsamples the field (memory at 512x512).
+    net on an in-plane average-pooled pair and upsamples the field (memory at 512x512), and
+    ``activation_checkpointing`` recomputes conv blocks in the backward pass instead of storing
+    them (whole 512x512x24 volumes on one 24 GB GPU).
 
     Losses: registration ``similarity + reg_weight·bending + anatomy_weight·Dice(S_m∘φ, S_t)``;
     segmentation ``anatomy_weight·Dice(S_m∘φ, S_t) + supervised_weight·(Dice + CE)`` on labeled
@@ -40,7 +42,7 @@ class DeepAtlasConfig:
     """
 
     # segmentation network
-    seg_filters: tuple[int, ...] = (32, 64, 128, 256, 320, 320)
+    seg_filters: tuple[int, ...] = (16, 32, 64, 128, 256, 320)
     seg_inplane_levels: int = 2
     # registration network
     reg_filters: tuple[int, ...] = (16, 32, 32, 64, 64)
@@ -48,6 +50,7 @@ class DeepAtlasConfig:
     reg_inplane_downsample: int = 2
     diffeomorphic: bool = False
     integration_steps: int = 7
+    activation_checkpointing: bool = True
     # losses
     lncc_kernel: int = 3
     reg_weight: float = 0.1
@@ -132,6 +135,7 @@ TINY = {
     "reg_filters": [8, 16, 16, 32],
     "reg_inplane_levels": 1,
     "reg_inplane_downsample": 1,
+    "activation_checkpointing": False,
     "max_steps": 400,
     "reg_pretrain_steps": 80,
     "seg_pretrain_steps": 80,

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from monai.losses import (
     BendingEnergyLoss,
@@ -24,6 +26,13 @@ def disable_tf32() -> None:
     """Turn TF32 matmul/convolution off (MONAI#6525: LNCC under TF32 can give huge negative loss)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def _full_precision(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for a loss: these sums and variances need float32."""
+    if tensor.device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=tensor.device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the "meta" device of the memory benchmark
 
 
 class DeepAtlasLosses(torch.nn.Module):
@@ -41,22 +50,22 @@ class DeepAtlasLosses(torch.nn.Module):
 
     def similarity(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-LNCC² of two images (B, 1, X, Y, Z); -1 for identical images."""
-        with torch.autocast(device_type=warped.device.type, enabled=False):
+        with _full_precision(warped):
             return self.lncc(warped.float(), target.float())
 
     def regularity(self, field: torch.Tensor) -> torch.Tensor:
         """Normalised bending energy of a field (B, 3, X, Y, Z); every spatial size must be > 2."""
-        with torch.autocast(device_type=field.device.type, enabled=False):
+        with _full_precision(field):
             return self.bending(field.float())
 
     def anatomy(self, warped_moving: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Soft Dice loss of two probability maps (B, 3, X, Y, Z) (averaged over classes)."""
-        with torch.autocast(device_type=target.device.type, enabled=False):
+        with _full_precision(target):
             return self.dice(warped_moving.float(), target.float())
 
     def supervised(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Dice + cross-entropy of logits (B, 3, X, Y, Z) against class labels (B, 1, X, Y, Z)."""
-        with torch.autocast(device_type=logits.device.type, enabled=False):
+        with _full_precision(logits):
             return self.dice_ce(logits.float(), classes)
 
 

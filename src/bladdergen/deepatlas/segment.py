@@ -151,7 +151,10 @@ def segment_paths(
 
     torch_device = resolve_device(device)
     net, metadata = load_segmentation_model(model, torch_device)
-    preprocess = config_from_mapping(PreprocessConfig, metadata["preprocess"], "checkpoint")
+    settings = dict(metadata["preprocess"])
+    # JSON metadata turned the label map's integer keys into strings
+    settings["label_map"] = {int(k): int(v) for k, v in settings["label_map"].items()}
+    preprocess = config_from_mapping(PreprocessConfig, settings, f"{metadata['checkpoint']}")
     label_map = {int(k): int(v) for k, v in metadata["label_map"].items()}
     if overlap is None:
         overlap = float(metadata["config"]["deepatlas"].get("sw_overlap", 0.25))

@@ -6,6 +6,8 @@ Volumes are HU arrays of shape (X, Y, Z), already clipped to the evaluation ``hu
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage, stats
 from scipy.spatial.distance import jensenshannon
@@ -125,9 +127,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     import torch
     from monai.metrics import FIDMetric
 
-    value = FIDMetric()(
-        torch.from_numpy(a.astype(np.float64)), torch.from_numpy(b.astype(np.float64))
-    )
+    with warnings.catch_warnings():
+        # fewer volumes than features gives a singular covariance; sqrtm still returns the
+        # usable (approximate) root, and the docs say so
+        warnings.simplefilter("ignore")
+        value = FIDMetric()(
+            torch.from_numpy(a.astype(np.float64)), torch.from_numpy(b.astype(np.float64))
+        )
     return max(float(value), 0.0)  # sqrtm round-off can give -1e-7 for identical sets
 
 

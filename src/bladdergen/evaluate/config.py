@@ -11,32 +11,30 @@ from bladdergen.errors import ConfigError
 class EvaluateConfig:
     """Metric settings shared by ``evaluate seg``, ``evaluate gen`` and the reader-study kit.
 
-    Segmentation:
-    ``bootstrap_samples`` / ``confidence``: paired-difference bootstrap (cases resampled, seeded by
-    the pipeline ``seed``). ``hd_percentile``: the Hausdorff percentile (95 gives HD95).
-
-    Generated volumes (all intensities in HU):
-    ``hu_range``: HU range every volume is clipped to before comparison (real raw scans and windowed
-    synthetic volumes then share one range); ``body_threshold_hu``: voxels above it are "inside the
-    body" for histograms and texture; ``histogram_bins``: bins over ``hu_range``.
-    ``compare_size``: in-plane grid (X, Y) every volume is resampled to for similarity measures
-    (``None`` keeps the first synthetic volume's grid). ``max_pairs``: pairs sampled for the MS-SSIM
-    diversity estimate within a set. ``near_copy_msssim``: a synthetic volume whose MS-SSIM with a
-    real volume exceeds this is flagged as a near-copy. ``plausible_range_margin``: the real range of
-    wall thickness and bladder volume is widened by this fraction on both sides.
-    ``montage_cases``: volumes per group shown in the report montage.
+    The bootstrap is seeded by the pipeline ``seed``; all generated-volume measures work in HU.
     """
 
+    # Segmentation: bootstrap resamples of the cases for paired differences between --pred sets.
     bootstrap_samples: int = 2000
+    # Segmentation: confidence level of the bootstrap interval.
     confidence: float = 0.95
+    # Segmentation: Hausdorff distance percentile (95 gives HD95, 100 the maximum).
     hd_percentile: float = 95.0
+    # Generated volumes: HU range every volume is clipped to (raw and windowed data compare alike).
     hu_range: tuple[float, float] = (-200.0, 300.0)
+    # Generated volumes: voxels above this HU are inside the body (histograms, texture).
     body_threshold_hu: float = -150.0
+    # Generated volumes: HU histogram bins over hu_range.
     histogram_bins: int = 50
+    # Generated volumes: in-plane grid (X, Y) for similarity measures; null keeps the native grid.
     compare_size: tuple[int, int] | None = (128, 128)
+    # Generated volumes: random pairs per set for the within-set MS-SSIM (diversity).
     max_pairs: int = 200
+    # Generated volumes: MS-SSIM to a real volume above which a synthetic one is a near-copy.
     near_copy_msssim: float = 0.95
+    # Anatomy check: widening of the real wall-thickness and bladder-volume ranges (fraction).
     plausible_range_margin: float = 0.2
+    # Report: volumes per group in the montage.
     montage_cases: int = 4
 
     def validate(self) -> None:

@@ -67,10 +67,11 @@ def montage(rows: list[tuple[str, list[Image.Image]]], path: Path, tile: int) ->
         draw.text((4, top), label, fill=INK, font=font)
         for column, tile_image in enumerate(tiles):
             sheet.paste(tile_image.convert("RGB"), (column * tile, top + label_height))
-    return _save(sheet, path)
+    return save_png(sheet, path)
 
 
-def _save(image: Image.Image, path: Path) -> Path:
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write ``image`` as PNG atomically; returns ``path``."""
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -84,7 +85,9 @@ def _colour(name: str, index: int) -> tuple[int, int, int]:
 class _Axes:
     """Maps data coordinates onto a plot area and draws the frame, ticks and labels."""
 
-    def __init__(self, title: str, xlabel: str, xlim, ylim, size=(480, 300)) -> None:
+    def __init__(
+        self, title: str, xlabel: str, xlim, ylim, yticks: bool = True, size=(480, 300)
+    ) -> None:
         self.image = Image.new("RGB", size, BACKGROUND)
         self.draw = ImageDraw.Draw(self.image)
         self.font = ImageFont.load_default()
@@ -101,7 +104,8 @@ class _Axes:
             px, py = self.px(xv, self.ylim[0])
             draw.text((px - 12, self.bottom + 4), f"{xv:.3g}", fill=INK, font=self.font)
             _, py = self.px(self.xlim[0], yv)
-            draw.text((4, py - 6), f"{yv:.3g}", fill=INK, font=self.font)
+            if yticks:
+                draw.text((4, py - 6), f"{yv:.3g}", fill=INK, font=self.font)
 
     def px(self, x: float, y: float) -> tuple[float, float]:
         fx = (x - self.xlim[0]) / (self.xlim[1] - self.xlim[0])
@@ -134,7 +138,7 @@ def line_plot(
         if len(points) > 1:
             axes.draw.line(points, fill=_colour(name, index), width=2)
     axes.legend(list(series))
-    return _save(axes.image, path)
+    return save_png(axes.image, path)
 
 
 def strip_plot(path: Path, title: str, xlabel: str, groups: dict[str, list[float]]) -> Path:
@@ -142,7 +146,7 @@ def strip_plot(path: Path, title: str, xlabel: str, groups: dict[str, list[float
     values = [v for vs in groups.values() for v in vs]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     pad = 0.05 * (high - low) if high > low else 0.5
-    axes = _Axes(title, xlabel, (low - pad, high + pad), (0.0, len(groups) + 1.0))
+    axes = _Axes(title, xlabel, (low - pad, high + pad), (0.0, len(groups) + 1.0), yticks=False)
     for index, (name, group) in enumerate(groups.items()):
         row = len(groups) - index
         colour = _colour(name, index)
@@ -154,4 +158,4 @@ def strip_plot(path: Path, title: str, xlabel: str, groups: dict[str, list[float
             axes.draw.line((x, y - 12, x, y + 12), fill=colour, width=3)
         _, y = axes.px(low, row)
         axes.draw.text((axes.left + 4, y - 20), name, fill=colour, font=axes.font)
-    return _save(axes.image, path)
+    return save_png(axes.image, path)

@@ -9,13 +9,14 @@ raw scans) or are a preprocessed set, whose [-1, 1] images are mapped back to HU
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from bladdergen.data.dataset import MANIFEST_NAME, CaseRecord, PreprocessedSet
+from bladdergen.data.dataset import MANIFEST_FORMAT, MANIFEST_NAME, CaseRecord, PreprocessedSet
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.errors import InputError
 
@@ -113,10 +114,22 @@ def detect_convention(values: set[int], path: Path) -> str:
     )
 
 
+def is_preprocessed_set(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``bladdergen preprocess`` manifest (``sample`` writes a
+    manifest.json of another format next to its HU volumes)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def label_folder(folder: Path) -> Path:
     """A preprocessed set's ``labels/`` subfolder, else the folder itself."""
     folder = Path(folder)
-    if (folder / MANIFEST_NAME).is_file() and (folder / "labels").is_dir():
+    if is_preprocessed_set(folder) and (folder / "labels").is_dir():
         return folder / "labels"
     return folder
 
@@ -188,7 +201,7 @@ def open_hu_folder(folder: Path) -> tuple[list[tuple[str, Callable[[], HUVolume]
     folder is read as HU NIfTI files as they are.
     """
     folder = Path(folder)
-    if (folder / MANIFEST_NAME).is_file():
+    if is_preprocessed_set(folder):
         dataset = PreprocessedSet.open(folder)
 
         def preprocessed_loader(case: CaseRecord) -> Callable[[], HUVolume]:

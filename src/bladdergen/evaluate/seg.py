@@ -6,7 +6,8 @@ Every prediction folder is matched to the truth folder by case id; each case is 
 - both empty: Dice 1, distances 0 (status ``both_empty``);
 - one empty: Dice 0, distances undefined (``None``; status ``missed`` when the prediction is empty,
   ``false_positive`` when the truth is);
-- otherwise ``ok``. Distance summaries use the ``ok`` cases only and say how many that is.
+- otherwise ``ok``. Distance summaries and paired distance differences use the ``ok`` cases only
+  and say how many that is.
 
 With several prediction folders, each is compared with the first (the reference) on the cases and
 classes where both have a value: mean paired difference and a seeded percentile-bootstrap CI.
@@ -30,6 +31,7 @@ from bladdergen.fileio import atomic_write_json, atomic_write_text
 from bladdergen.progress import SILENT, Reporter
 
 METRICS = ("dice", "hd_mm", "asd_mm", "volume_diff_ml")
+DISTANCE_METRICS = ("hd_mm", "asd_mm")
 AFFINE_TOLERANCE_MM = 1e-3
 
 
@@ -128,7 +130,8 @@ def evaluate_segmentation(
 
     Writes ``out_dir/seg_cases.csv`` (one row per set, case and class), ``out_dir/seg_summary.json``
     and ``out_dir/seg_report.md``. Returns the summary dict. Raises InputError for missing cases,
-    extra cases, unreadable files, unknown label values or mismatched geometry.
+    unreadable files, unknown label values or mismatched geometry; predictions without a truth
+    case are ignored with a notice.
     """
     if not pred_dirs:
         raise InputError("--pred: give at least one prediction folder")
@@ -148,9 +151,9 @@ def evaluate_segmentation(
                 f"{folder}: no prediction for {len(missing)} truth case(s): {', '.join(missing[:5])}"
                 + (" ..." if len(missing) > 5 else "")
             )
-        if extra:
-            raise InputError(
-                f"{folder}: {len(extra)} prediction(s) without a truth case in {truth_dir}: "
+        if extra:  # e.g. unlabeled scans segmented alongside the labeled ones
+            reporter.notice(
+                f"{folder}: {len(extra)} prediction(s) without a truth case ignored: "
                 f"{', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else "")
             )
         with reporter.task(f"scoring {name}", total=len(truths)) as task:
@@ -190,6 +193,14 @@ def evaluate_segmentation(
     }
 
 
+def _value(row: dict[str, Any], metric: str) -> float | None:
+    """A row's metric for summaries: distances only where both structures exist (``ok``), so
+    that both-empty cases (distance 0 by definition) do not flatter the mean distance."""
+    if metric in DISTANCE_METRICS and row["status"] != "ok":
+        return None
+    return row[metric]
+
+
 def summarise(
     rows: list[dict[str, Any]], names: list[str], config: EvaluateConfig, seed: int
 ) -> dict[str, Any]:
@@ -204,7 +215,7 @@ def summarise(
                 statuses[row["status"]] = statuses.get(row["status"], 0) + 1
             sets[name][class_name] = {
                 "status_counts": statuses,
-                **{metric: describe([r[metric] for r in selected]) for metric in METRICS},
+                **{metric: describe([_value(r, metric) for r in selected]) for metric in METRICS},
             }
     comparisons = []
     reference = names[0]
@@ -228,7 +239,7 @@ def paired_difference(
 ) -> dict[str, Any]:
     """Mean of (other - reference) over cases where both values exist, with a bootstrap CI."""
     by_case = {
-        (r["set"], r["case_id"]): r[metric]
+        (r["set"], r["case_id"]): _value(r, metric)
         for r in rows
         if r["class"] == class_name and r["set"] in (reference, other)
     }

@@ -124,7 +124,7 @@ class VQGANConfig:
 
 
 TINY = {
-    "n_hiddens": 16,
+    "n_hiddens": 8,
     "downsample": [4, 4, 2],
     "n_codes": 512,
     "num_groups": 8,
@@ -132,12 +132,12 @@ TINY = {
     "search_chunk": 4096,
     "disc_channels": 16,
     "disc_layers": 2,
-    "disc_start": 600,
+    "disc_start": 500,
     "lr": 1e-3,
     "disc_lr": 2e-4,
-    "max_steps": 1500,
+    "max_steps": 800,
     "log_every": 10,
-    "checkpoint_every": 250,
+    "checkpoint_every": 100,
     "image_every": 500,
     "device": "cpu",
 }

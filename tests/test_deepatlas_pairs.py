@@ -1,0 +1,72 @@
+"""The DeepAtlas schedule and pair sampling by label availability."""
+
+from bladdergen.deepatlas.config import DeepAtlasConfig
+from bladdergen.deepatlas.pairs import (
+    labeled_batch,
+    phase_of,
+    registration_pairs,
+    segmentation_pairs,
+    segmentation_updates,
+    step_rng,
+)
+
+
+def test_segmentation_pairs_never_join_two_unlabeled_images():
+    n_labeled, n_unlabeled = 2, 9
+    seen = set()
+    for step in range(300):
+        for moving, target in segmentation_pairs(step_rng(0, step), n_labeled, n_unlabeled, 2):
+            assert moving != target
+            assert moving < n_labeled or target < n_labeled
+            seen.add((moving < n_labeled, target < n_labeled))
+    # all three allowed kinds occur: labeled-labeled, labeled-unlabeled, unlabeled-labeled
+    assert seen == {(True, True), (True, False), (False, True)}
+
+
+def test_registration_pairs_cover_all_ordered_pairs_but_never_an_image_with_itself():
+    pairs = [p for s in range(200) for p in registration_pairs(step_rng(3, s), 3, 2)]
+    assert all(m != t for m, t in pairs)
+    assert set(pairs) == {(m, t) for m in range(3) for t in range(3) if m != t}
+
+
+def test_labeled_batches_use_labeled_images_only():
+    assert all(i < 4 for s in range(50) for i in labeled_batch(step_rng(1, s), 4, 3))
+
+
+def test_step_randomness_depends_only_on_seed_step_and_rank():
+    assert segmentation_pairs(step_rng(5, 17), 3, 4, 4) == segmentation_pairs(
+        step_rng(5, 17), 3, 4, 4
+    )
+    assert registration_pairs(step_rng(5, 17, 0), 9, 4) != registration_pairs(
+        step_rng(5, 17, 1), 9, 4
+    )
+
+
+def test_schedule_pretrains_registration_then_segmentation_then_alternates():
+    config = DeepAtlasConfig(
+        reg_pretrain_steps=2, seg_pretrain_steps=1, reg_steps_per_cycle=3, seg_steps_per_cycle=2
+    )
+    phases = [phase_of(step, config) for step in range(11)]
+    assert (
+        phases
+        == ["reg_pretrain"] * 2 + ["seg_pretrain"] + (["reg"] * 3 + ["seg"] * 2) * 1 + ["reg"] * 3
+    )
+
+
+def test_baseline_budget_counts_the_segmentation_updates_of_the_schedule():
+    config = DeepAtlasConfig(
+        reg_pretrain_steps=2, seg_pretrain_steps=1, reg_steps_per_cycle=3, seg_steps_per_cycle=2
+    )
+    # by hand: steps 0-1 reg, 2 seg, 3-5 reg, 6-7 seg, 8-10 reg, 11-12 seg, 13 reg
+    assert [segmentation_updates(config, n) for n in (0, 2, 3, 6, 7, 8, 11, 12, 13, 14)] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        3,
+        3,
+        4,
+        5,
+        5,
+    ]

@@ -1,0 +1,172 @@
+"""train-deepatlas: run folder, kill-and-resume, the supervised-only baseline, pools, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bladdergen.checkpoint import read_metadata
+from bladdergen.config import load_config
+from bladdergen.deepatlas.pairs import segmentation_updates
+from bladdergen.deepatlas.train import train_deepatlas
+from bladdergen.errors import CheckpointError, InputError
+from bladdergen.progress import Reporter, Task
+
+# Tiny networks and a short schedule: reg pretrain 2, seg pretrain 2, cycles of 2 reg + 2 seg.
+TINY_NETS = {
+    "preprocess.target_size": [32, 32],
+    "preprocess.target_depth": 8,
+    "deepatlas.seg_filters": [4, 8, 8],
+    "deepatlas.reg_filters": [4, 8, 8],
+    "deepatlas.reg_pretrain_steps": 2,
+    "deepatlas.seg_pretrain_steps": 2,
+    "deepatlas.reg_steps_per_cycle": 2,
+    "deepatlas.seg_steps_per_cycle": 2,
+    "deepatlas.val_every": 4,
+    "deepatlas.checkpoint_every": 3,
+    "deepatlas.log_every": 1,
+    "deepatlas.device": "cpu",
+}
+
+
+def tiny_config(**extra):
+    return load_config("tiny", overrides={**TINY_NETS, **extra})
+
+
+class _KillAt(Reporter):
+    """A reporter whose progress bar raises KeyboardInterrupt after ``step`` steps (a kill)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def task(self, description, total=None, completed=0):
+        reporter = self
+
+        class _Task(Task):
+            done = completed
+
+            def advance(self, n=1, **fields):
+                self.done += n
+                if self.done == reporter.step:
+                    raise KeyboardInterrupt
+
+        return _Task()
+
+
+def test_training_writes_checkpoints_logs_and_validation(tiny_dataset, tmp_path):
+    result = train_deepatlas(tiny_config(**{"deepatlas.max_steps": 8}), tiny_dataset, tmp_path)
+    assert result["steps"] == 8 and result["validation_cases"] == 1
+    assert result["labeled_training_cases"] == 3 and result["unlabeled_images"] == 2
+    for name in ("config.yaml", "model.safetensors", "best.safetensors", "split.json"):
+        assert (tmp_path / name).is_file()
+    assert read_metadata(tmp_path / "model.safetensors")["kind"] == "deepatlas"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    phases = [r["phase"] for r in records if r["phase"] != "validation"]
+    assert phases == ["reg_pretrain"] * 2 + ["seg_pretrain"] * 2 + ["reg"] * 2 + ["seg"] * 2
+    validation = [r for r in records if r["phase"] == "validation"]
+    assert [r["step"] for r in validation] == [4, 8]
+    for key in ("dice_wall", "dice_mean", "folding", "registration_dice"):
+        assert key in validation[0]
+    assert "similarity" in records[0] and "folding" in records[0]
+
+
+def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dataset, tmp_path):
+    config = tiny_config(**{"deepatlas.max_steps": 10})
+    train_deepatlas(config, tiny_dataset, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):  # killed at step 8, last checkpoint at step 6
+        train_deepatlas(config, tiny_dataset, tmp_path / "killed", reporter=_KillAt(8))
+    train_deepatlas(config, tiny_dataset, tmp_path / "killed", resume=True)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").open()]
+    assert steps == [json.loads(x)["step"] for x in (tmp_path / "straight/metrics.jsonl").open()]
+
+
+def test_resume_with_a_different_network_is_refused(tiny_dataset, tmp_path):
+    train_deepatlas(tiny_config(**{"deepatlas.max_steps": 3}), tiny_dataset, tmp_path)
+    changed = tiny_config(**{"deepatlas.max_steps": 6, "deepatlas.seg_filters": [4, 8, 16]})
+    with pytest.raises(CheckpointError, match="seg_filters"):
+        train_deepatlas(changed, tiny_dataset, tmp_path, resume=True)
+
+
+def test_supervised_only_trains_the_segmentation_net_for_the_same_number_of_updates(
+    tiny_dataset, tmp_path
+):
+    config = tiny_config(**{"deepatlas.max_steps": 10})
+    result = train_deepatlas(config, tiny_dataset, tmp_path, supervised_only=True)
+    # schedule of 10 steps: 2 reg + 2 seg pretrain, then reg reg seg seg reg reg -> 4 seg updates
+    assert result["steps"] == segmentation_updates(config.deepatlas, 10) == 4
+    assert result["unlabeled_images"] == 0
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert all(name.startswith("seg_net.") for name in tensors)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert {r["phase"] for r in records} == {"supervised", "validation"}
+
+
+def test_synthetic_hu_volumes_are_preprocessed_like_the_training_data(tiny_dataset, tmp_path):
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        hu = rng.uniform(-200, 300, (40, 36, 11)).astype(np.float32)
+        nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 3.0, 1.0])), synthetic / f"s{index}.nii.gz")
+    config = tiny_config(**{"deepatlas.max_steps": 1})
+    result = train_deepatlas(config, tiny_dataset, tmp_path / "run", synthetic_dir=synthetic)
+    assert result["synthetic_images"] == 2
+    prepared = sorted((tmp_path / "run" / "prepared" / "synthetic").glob("*.nii.gz"))
+    assert [p.name for p in prepared] == ["s0.nii.gz", "s1.nii.gz"]
+    array = np.asanyarray(nib.load(prepared[0]).dataobj)
+    assert array.shape == (32, 32, 8) and array.min() >= -1.0 and array.max() <= 1.0
+
+
+def test_too_few_labeled_cases_for_the_validation_split_is_an_input_error(tiny_dataset, tmp_path):
+    config = tiny_config(**{"deepatlas.val_cases": 4})
+    with pytest.raises(InputError, match="labeled cases"):
+        train_deepatlas(config, tiny_dataset, tmp_path)
+
+
+def test_two_gloo_processes_train_with_ddp(tiny_dataset, tmp_path):
+    nested: dict = {}
+    for dotted, value in {**TINY_NETS, "deepatlas.max_steps": 6}.items():
+        section, key = dotted.split(".")
+        nested.setdefault(section, {})[key] = value
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(nested))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "bladdergen",
+        "train-deepatlas",
+        str(tiny_dataset),
+        str(run_dir),
+        "-p",
+        "tiny",
+        "-c",
+        str(config_file),
+        "-q",
+        "--json",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 6
+    assert read_metadata(run_dir / "model.safetensors")["step"] == 6

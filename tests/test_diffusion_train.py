@@ -1,0 +1,96 @@
+"""train-ldm: outputs, exact resume, latent cache reuse, refusal of mismatched inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bladdergen.checkpoint import load_training_state, read_metadata
+from bladdergen.diffusion import latents as latents_module
+from bladdergen.diffusion.latents import LatentScaler
+from bladdergen.diffusion.train import train_ldm
+from bladdergen.errors import CheckpointError, InputError
+from bladdergen.vqgan.load import load_vqgan
+from test_diffusion_fixtures import make_vqgan, micro_config
+
+
+@pytest.fixture(scope="module")
+def vqgan_run(tiny_dataset, tmp_path_factory):
+    return make_vqgan(tmp_path_factory.mktemp("vqgan"), tiny_dataset)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, vqgan_run, tmp_path_factory):
+    """A 4-step run (checkpoints at steps 2 and 4); tests must not modify it."""
+    run = tmp_path_factory.mktemp("ldm") / "run"
+    result = train_ldm(micro_config(), tiny_dataset, run, vqgan_run)
+    return run, result
+
+
+def test_latent_scaler_maps_the_codebook_range_onto_minus_one_to_one():
+    scaler = LatentScaler(low=-3.0, high=5.0)
+    z = torch.tensor([-3.0, 1.0, 5.0, 7.0])
+    assert torch.allclose(scaler.to_unit(z), torch.tensor([-1.0, 0.0, 1.0, 1.5]))
+    assert torch.allclose(scaler.from_unit(scaler.to_unit(z)), z)
+
+
+def test_training_writes_weights_state_config_metrics_and_latent_cache(trained_run, vqgan_run):
+    run, result = trained_run
+    assert result["step"] == 4 and result["latent_shape"] == [8, 8, 8, 4]
+    for name in ("model.safetensors", "training_state.pt", "config.yaml", "metrics.jsonl"):
+        assert (run / name).is_file()
+    assert len(list((run / "latents").glob("latents-*.safetensors"))) == 1
+    metadata = read_metadata(run / "model.safetensors")
+    vqgan, vq_meta = load_vqgan(vqgan_run)
+    low, high = vqgan.codebook_range()
+    assert metadata["kind"] == "ldm" and metadata["step"] == 4
+    assert metadata["scaler"] == pytest.approx({"low": low, "high": high})
+    assert metadata["vqgan_hash"] == vq_meta["weights_sha256"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(
+    tiny_dataset, vqgan_run, trained_run, tmp_path
+):
+    train_ldm(micro_config(**{"ldm.max_steps": 2}), tiny_dataset, tmp_path / "resumed", vqgan_run)
+    train_ldm(micro_config(), tiny_dataset, tmp_path / "resumed", vqgan_run, resume=True)
+    straight = load_training_state(trained_run[0] / "training_state.pt")
+    resumed = load_training_state(tmp_path / "resumed" / "training_state.pt")
+    assert resumed["step"] == 4
+    for part in ("model", "ema"):
+        for name, tensor in straight[part].items():
+            assert torch.equal(tensor, resumed[part][name]), f"{part}.{name} differs"
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_a_second_run_reuses_the_cached_latents_without_encoding(
+    tiny_dataset, vqgan_run, trained_run, tmp_path, monkeypatch
+):
+    cache = trained_run[0] / "latents"
+    config = micro_config(**{"ldm.latent_cache_dir": str(cache), "ldm.max_steps": 1})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("latents were encoded again")
+
+    monkeypatch.setattr(latents_module, "encode_dataset", refuse)
+    result = train_ldm(config, tiny_dataset, tmp_path / "second", vqgan_run)
+    assert result["step"] == 1
+    assert result["latent_cache"].startswith(str(cache))
+
+
+def test_resuming_with_another_vqgan_is_refused(tiny_dataset, trained_run, tmp_path):
+    run = trained_run[0]
+    other = make_vqgan(tmp_path / "other_vqgan", tiny_dataset, seed=1)
+    with pytest.raises(CheckpointError, match="different VQ-GAN"):
+        train_ldm(micro_config(**{"ldm.max_steps": 8}), tiny_dataset, run, other, resume=True)
+
+
+def test_training_into_an_existing_run_without_resume_is_refused(tiny_dataset, vqgan_run, tmp_path):
+    run = tmp_path / "ldm"
+    train_ldm(micro_config(**{"ldm.max_steps": 1}), tiny_dataset, run, vqgan_run)
+    with pytest.raises(InputError, match="--resume"):
+        train_ldm(micro_config(), tiny_dataset, run, vqgan_run)

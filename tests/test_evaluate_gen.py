@@ -1,0 +1,211 @@
+"""`evaluate gen`: appearance, slice consistency, anatomy, diversity on hand-made HU volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bladdergen.evaluate.anatomy import measure_anatomy, plausibility, real_ranges
+from bladdergen.evaluate.appearance import feature_distances
+from bladdergen.evaluate.config import EvaluateConfig
+from bladdergen.evaluate.gen import evaluate_generation
+from bladdergen.evaluate.similarity import adjacent_slice_similarity, ms_ssim
+from synthetic import WINDOW, make_case, make_preprocessed_set
+
+SPACING = (3.0, 3.0, 4.0)
+CONFIG = EvaluateConfig(compare_size=None, max_pairs=20, montage_cases=2)
+
+
+def write_hu_folder(folder: Path, seed: int, n: int = 4, shape=(32, 32, 8)) -> Path:
+    """HU int16 NIfTI volumes like `sample` writes: the test phantom mapped through WINDOW."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for index in range(n):
+        image, _ = make_case(shape, rng)
+        hu = (image + 1) / 2 * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+        affine = np.diag([*SPACING, 1.0])
+        nib.save(
+            nib.Nifti1Image(np.round(hu).astype(np.int16), affine), folder / f"s{index}.nii.gz"
+        )
+    return folder
+
+
+def ring_classes(shape=(24, 24, 4), outer=8, inner=5) -> np.ndarray:
+    """A bladder wall as a ring (distance inner..outer voxels from the centre) on every slice."""
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    r = np.sqrt((x - 11.5) ** 2 + (y - 11.5) ** 2)
+    ring = (r < outer) & (r >= inner)
+    classes = np.zeros(shape, np.uint8)
+    classes[ring] = 1
+    return classes
+
+
+def test_identical_sets_have_zero_distribution_distances_and_are_flagged_as_copies(tmp_path):
+    folder = write_hu_folder(tmp_path / "vols", seed=0)
+    result = evaluate_generation(folder, folder, tmp_path / "out", CONFIG)
+    summary = json.loads((tmp_path / "out" / "gen_summary.json").read_text())
+    assert summary["appearance"]["histogram"]["wasserstein_hu"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["appearance"]["texture_distance"]["mmd2"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["appearance"]["texture_distance"]["frechet"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["slice_consistency"]["slice_ssim"]["difference"] == pytest.approx(0.0)
+    copies = summary["diversity"]["near_copies"]
+    assert [(c["case_id"], c["nearest_real"]) for c in copies] == [
+        (f"s{i}", f"s{i}") for i in range(4)
+    ]
+    assert all(c["nearest_real_ms_ssim"] == pytest.approx(1.0) for c in copies)
+    assert result["near_copies"] == 4
+    assert result["plausible_fraction"] is None  # no segmentation model given
+
+
+def test_brighter_synthetic_volumes_shift_the_hu_histogram_by_the_offset(tmp_path):
+    real = write_hu_folder(tmp_path / "real", seed=0)
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    for path in sorted(real.iterdir()):
+        image = nib.load(path)
+        data = np.asarray(image.dataobj).astype(np.int16) + 20
+        nib.save(nib.Nifti1Image(data, image.affine), shifted / path.name)
+    config = EvaluateConfig(compare_size=None, body_threshold_hu=-150, hu_range=(-200, 300))
+    summary = evaluate_generation(shifted, real, tmp_path / "out", config)
+    # body voxels all lie well inside the range, so the pooled histogram moves by 20 HU
+    # (to within one 10 HU bin of quantisation)
+    assert 10.0 <= summary["hu_wasserstein"] <= 30.0
+    assert summary["texture_mmd2"] > 0.1
+
+
+def test_report_links_existing_png_figures(tmp_path):
+    synthetic = write_hu_folder(tmp_path / "syn", seed=1)
+    real = make_preprocessed_set(tmp_path / "real", n_cases=3, seed=0)
+    evaluate_generation(synthetic, real, tmp_path / "out", CONFIG)
+    report = (tmp_path / "out" / "gen_report.md").read_text()
+    for name in ("montage.png", "hu_histogram.png", "slice_consistency.png", "nearest_real.png"):
+        assert f"({name})" in report
+        Image.open(tmp_path / "out" / name).verify()
+    montage = Image.open(tmp_path / "out" / "montage.png")
+    assert montage.size[0] == 3 * 160  # axial, coronal, sagittal columns
+    rows = (tmp_path / "out" / "gen_volumes.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 + 3
+
+
+def test_volumes_on_another_grid_are_resampled_to_the_synthetic_grid(tmp_path):
+    synthetic = write_hu_folder(tmp_path / "syn", seed=1, shape=(32, 32, 8))
+    real = write_hu_folder(tmp_path / "real", seed=2, shape=(48, 40, 10))
+    evaluate_generation(synthetic, real, tmp_path / "out", CONFIG)
+    summary = json.loads((tmp_path / "out" / "gen_summary.json").read_text())
+    assert summary["resampled_volumes"] == 4
+    assert summary["comparison_grid"] == [32, 32, 8]
+
+
+def test_constant_slices_are_perfectly_consistent_and_noise_is_not():
+    rng = np.random.default_rng(0)
+    flat = np.repeat(rng.random((16, 16, 1)), 6, axis=2).astype(np.float32)
+    noise = rng.random((16, 16, 6)).astype(np.float32)
+    assert adjacent_slice_similarity(flat) == pytest.approx({"slice_ssim": 1.0, "slice_ncc": 1.0})
+    assert adjacent_slice_similarity(noise)["slice_ncc"] < 0.3
+
+
+def test_ms_ssim_is_one_for_identical_volumes_and_lower_for_different_ones():
+    rng = np.random.default_rng(0)
+    a = rng.random((32, 32, 8)).astype(np.float32)
+    values = ms_ssim(a, np.stack([a, rng.random((32, 32, 8)).astype(np.float32)]))
+    assert values[0] == pytest.approx(1.0, abs=1e-5)
+    assert values[1] < 0.5
+
+
+def test_feature_distances_vanish_for_identical_sets_and_grow_with_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(8, 5))
+    same = feature_distances(a, a.copy())
+    assert same["mmd2"] == pytest.approx(0.0) and same["frechet"] == pytest.approx(0.0, abs=1e-6)
+    near, far = feature_distances(a + 0.5, a), feature_distances(a + 3.0, a)
+    assert 0 < near["mmd2"] < far["mmd2"]
+    # Fréchet of a pure mean shift by d (in real-std units) is |d / std|^2 summed over features
+    std = a.std(axis=0)
+    assert far["frechet"] == pytest.approx(float(((3.0 / std) ** 2).sum()), rel=1e-4)
+
+
+def test_ring_wall_measures_its_thickness_lumen_and_one_component():
+    classes = ring_classes(outer=8, inner=5)
+    m = measure_anatomy(classes, (2.0, 2.0, 5.0))
+    assert m["wall_main_component"] == 1.0
+    assert m["lumen_ml"] > 0
+    assert m["wall_thickness_mm"] == pytest.approx(3 * 2.0, abs=1.0)  # 3 voxels of 2 mm
+    assert m["tumor_touches_wall"] is None
+
+
+def test_broken_wall_and_floating_tumor_are_implausible():
+    classes = ring_classes()
+    classes[:12] = 0  # half a ring: no lumen enclosed
+    classes[20:22, 0:2, 1] = 2  # a tumor far from the wall
+    m = measure_anatomy(classes, (2.0, 2.0, 5.0))
+    checks = plausibility(m, real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2))
+    assert not checks["encloses_lumen"]
+    assert not checks["tumor_on_wall"]
+    assert not checks["plausible"]
+
+
+class ThresholdNet(torch.nn.Module):
+    """Stand-in segmentation net: class by intensity band, features = pooled band fractions."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (B, 1, X, Y, Z) in [-1, 1]
+        wall = (image > -0.05) & (image < 0.15)
+        tumor = image >= 0.15
+        background = ~(wall | tumor)
+        return torch.cat([background, wall, tumor], dim=1).float()
+
+
+class StandInSegmenter:
+    window = WINDOW
+
+    def __init__(self) -> None:
+        self.net = ThresholdNet()
+
+    def classes(self, image: np.ndarray) -> np.ndarray:
+        logits = self.net(torch.from_numpy(image)[None, None])
+        return logits.argmax(1)[0].numpy().astype(np.uint8)
+
+    def features(self, image: np.ndarray) -> np.ndarray:
+        return self.net(torch.from_numpy(image)[None, None]).mean(dim=(2, 3, 4))[0].numpy()
+
+
+def test_segmentation_model_enables_anatomy_and_network_feature_distance(tmp_path):
+    folder = write_hu_folder(tmp_path / "vols", seed=0)
+    result = evaluate_generation(
+        folder, folder, tmp_path / "out", CONFIG, segmenter=StandInSegmenter()
+    )
+    summary = json.loads((tmp_path / "out" / "gen_summary.json").read_text())
+    # the same volumes on both sides: every synthetic volume lies inside the real ranges
+    assert result["plausible_fraction"] == summary["anatomy"]["real"]["plausible"] == 1.0
+    assert summary["anatomy"]["synthetic"]["one_connected_wall"] == 1.0
+    assert summary["appearance"]["model_feature_distance"]["mmd2"] == pytest.approx(0.0)
+    assert (
+        "Fraction of volumes passing each check" in (tmp_path / "out" / "gen_report.md").read_text()
+    )
+
+
+def test_sample_folder_with_its_own_manifest_is_read_as_hu_nifti(tmp_path):
+    from bladdergen.evaluate.inputs import read_hu_folder
+
+    folder = write_hu_folder(tmp_path / "syn", seed=1, n=2)
+    (folder / "manifest.json").write_text(json.dumps({"format": "bladdergen-samples"}))
+    volumes, kind = read_hu_folder(folder)
+    assert kind == "nifti"
+    assert [v.case_id for v in volumes] == ["s0", "s1"]
+    assert volumes[0].hu.dtype == np.float32 and volumes[0].hu.min() >= WINDOW[0]
+
+
+def test_preprocessed_real_set_is_mapped_back_to_hu_with_its_window(tmp_path):
+    from bladdergen.evaluate.inputs import read_hu_folder
+
+    real = make_preprocessed_set(tmp_path / "real", n_cases=1, seed=0)
+    volumes, kind = read_hu_folder(real)
+    assert kind == "preprocessed"
+    # background voxels clipped at -1 in [-1, 1] are the window floor in HU
+    assert volumes[0].hu.min() == pytest.approx(WINDOW[0])
+    assert volumes[0].hu.max() <= WINDOW[1]

@@ -1,0 +1,105 @@
+"""bladdergen segment: geometry of the output, sliding windows, features, errors."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bladdergen.checkpoint import save_weights
+from bladdergen.cli import app
+from bladdergen.config import load_config
+from bladdergen.deepatlas.segment import (
+    load_segmentation_model,
+    predict_classes,
+    segment_paths,
+    segmentation_features,
+)
+from bladdergen.deepatlas.train import train_deepatlas
+from bladdergen.errors import CheckpointError
+
+TINY_NETS = {
+    "preprocess.target_size": [32, 32],
+    "preprocess.target_depth": 8,
+    "deepatlas.seg_filters": [4, 8, 8],
+    "deepatlas.reg_filters": [4, 8, 8],
+    "deepatlas.reg_pretrain_steps": 1,
+    "deepatlas.seg_pretrain_steps": 2,
+    "deepatlas.max_steps": 3,
+    "deepatlas.device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def model_run(tiny_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("segment_model")
+    train_deepatlas(load_config("tiny", overrides=TINY_NETS), tiny_dataset, run_dir)
+    return run_dir
+
+
+def _scan(path, shape=(40, 36, 11), affine=None, seed=0):
+    """A raw HU scan stored like a scanner export (index axes pointing left, posterior)."""
+    rng = np.random.default_rng(seed)
+    hu = rng.uniform(-200, 300, shape).astype(np.float32)
+    affine = np.diag([-0.8, -0.7, 3.5, 1.0]) if affine is None else affine
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    nib.save(nib.Nifti1Image(hu, affine), path)
+    return affine
+
+
+def test_segment_output_has_the_input_geometry_and_slice_count(model_run, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    affine = _scan(scans / "ct_a.nii.gz")
+    _scan(scans / "ct_b.nii.gz", shape=(30, 30, 27), seed=1)
+    result = segment_paths(model_run, scans, tmp_path / "out", device="cpu")
+    assert result["segmented"] == 2
+    out = nib.load(tmp_path / "out" / "ct_a.nii.gz")
+    assert out.shape == (40, 36, 11)
+    np.testing.assert_allclose(out.affine, affine)
+    assert set(np.unique(np.asanyarray(out.dataobj))) <= {0, 128, 255}
+    assert nib.load(tmp_path / "out" / "ct_b.nii.gz").shape == (30, 30, 27)
+    summary = json.loads((tmp_path / "out" / "segment.json").read_text())
+    assert [c["output"].endswith(".nii.gz") for c in summary["cases"]] == [True, True]
+
+
+def test_predict_classes_slides_a_window_over_a_volume_larger_than_training(model_run):
+    net, metadata = load_segmentation_model(model_run)
+    assert tuple(metadata["train_shape"]) == net.roi_size == (32, 32, 8)
+    image = torch.rand(1, 1, 48, 40, 12) * 2 - 1
+    classes = predict_classes(net, image)
+    assert classes.shape == (48, 40, 12)
+    assert int(classes.min()) >= 0 and int(classes.max()) <= 2
+
+
+def test_segmentation_features_are_pooled_bottleneck_channels(model_run):
+    net, _ = load_segmentation_model(model_run)
+    features = segmentation_features(net, torch.zeros(2, 1, 32, 32, 8))
+    assert features.shape == (2, 8)  # deepest filter count of seg_filters [4, 8, 8]
+
+
+def test_a_checkpoint_of_another_stage_is_refused(tmp_path):
+    save_weights(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {"kind": "vqgan"})
+    with pytest.raises(CheckpointError, match="expected 'deepatlas'"):
+        load_segmentation_model(tmp_path / "other.safetensors")
+
+
+def test_segment_cli_reports_a_bad_input_in_one_line_with_exit_code_2(model_run, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a scan")
+    result = CliRunner().invoke(app, ["segment", str(model_run), str(bad), str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "notes.txt" in result.output and "Traceback" not in result.output
+
+
+def test_segment_cli_writes_class_indices_when_asked(model_run, tmp_path):
+    _scan(tmp_path / "ct.nii.gz")
+    out_dir = tmp_path / "out"
+    args = ["segment", str(model_run), str(tmp_path / "ct.nii.gz"), str(out_dir), "--classes"]
+    result = CliRunner().invoke(app, [*args, "-q", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert set(np.unique(np.asanyarray(nib.load(out_dir / "ct.nii.gz").dataobj))) <= {0, 1, 2}
