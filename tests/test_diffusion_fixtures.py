@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from bladdergen.config import PipelineConfig, load_config
@@ -63,3 +64,13 @@ def make_vqgan(run_dir: Path, data_dir: Path, seed: int = 0) -> Path:
         code_usage=1.0,
     )
     return Path(run_dir)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These micro models are far too small to gain from threads; one thread avoids OpenMP
+    spin-waiting when the CI cores are shared. Restores the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

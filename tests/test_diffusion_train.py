@@ -13,7 +13,7 @@ from bladdergen.diffusion.latents import LatentScaler
 from bladdergen.diffusion.train import train_ldm
 from bladdergen.errors import CheckpointError, InputError
 from bladdergen.vqgan.load import load_vqgan
-from test_diffusion_fixtures import make_vqgan, micro_config
+from test_diffusion_fixtures import make_vqgan, micro_config, one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,12 @@ def test_same_seed_gives_byte_identical_files(phantom_dir, tmp_path):
         assert twin.read_bytes() == path.read_bytes(), path.name
 
 
+def test_two_workers_write_the_same_files(phantom_dir, tmp_path):
+    generate_phantoms(tmp_path / "par", n=6, seed=3, size=96, unlabeled=2, workers=2)
+    for path in sorted(phantom_dir.rglob("*.*")):
+        assert (tmp_path / "par" / path.relative_to(phantom_dir)).read_bytes() == path.read_bytes()
+
+
 def test_another_seed_gives_other_cases():
     assert not np.array_equal(
         make_phantom(0, seed=1, size=32).image, make_phantom(0, seed=2, size=32).image
@@ -101,7 +107,8 @@ def test_tissues_have_their_hounsfield_units():
     assert 40 <= np.median(image[label == 128]) <= 80  # tumor ~50-70 HU
     urine = image[ndimage.binary_erosion(_lumen(label > 0), iterations=2)]
     assert -5 <= np.median(urine) <= 25  # urine ~10 HU
-    assert np.std(urine) > 3  # CT noise, not a flat region
+    # CT noise of the drawn standard deviation (8-20 HU), not a flat region
+    assert np.std(urine) == pytest.approx(case.params["noise_sd_hu"], rel=0.3)
     assert np.median(image[:8, :8]) < -900  # air in the corners, outside the body
     assert np.any((image > -130) & (image < -70))  # fat
     assert np.percentile(image, 99.5) > 200  # bone

@@ -43,6 +43,9 @@ def phantom(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace phantoms already in OUT_DIR.")
     ] = False,
+    workers: Annotated[
+        int, typer.Option("--workers", "-w", help="Parallel processes (same files for any count).")
+    ] = 1,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -65,6 +68,7 @@ def phantom(
             size=size,
             unlabeled=unlabeled,
             overwrite=overwrite,
+            workers=workers,
             reporter=reporter,
         )
     finally:

@@ -24,8 +24,11 @@ Case ``i`` depends only on ``(seed, i)``: the same seed gives byte-identical fil
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,17 @@ def _ellipse(
     return (u / ax) ** 2 + (v / ay) ** 2
 
 
+NOISE_SIGMA = 0.8  # in-plane correlation of the CT noise, voxels
+
+
+def _smoothed_noise_sd() -> float:
+    """Standard deviation of unit white noise after the in-plane noise filter (exact, discrete)."""
+    delta = np.zeros(9)
+    delta[4] = 1.0
+    kernel = ndimage.gaussian_filter1d(delta, NOISE_SIGMA, truncate=2.0)
+    return float(np.sum(kernel**2))  # separable 2D: sqrt(sum k^2)^2
+
+
 def _shape_factor(coeffs: np.ndarray, du: Any, dv: Any, dw: Any) -> Any:
     """Radial scale of the bladder along unit direction (du, dv, dw): 1 + smooth low-order terms."""
     return (
@@ -114,7 +128,8 @@ def make_phantom(
 ) -> PhantomCase:
     """Generate case ``index`` of the phantom set drawn with ``seed``, ``size`` x ``size`` in-plane.
 
-    ``with_tumor``: force a tumor on or off (``None``: drawn, probability 1/2).
+    ``with_tumor``: force a tumor on or off (``None``: case 0 yes, case 1 no, others drawn with
+    probability 1/2).
     Shapes and units: image int16 HU and label uint8, both (size, size, slices).
     """
     if size < 16:
@@ -125,7 +140,9 @@ def make_phantom(
     n_slices = int(rng.integers(low, high))
     spacing_xy = float(rng.uniform(0.6, 0.9)) * REFERENCE_SIZE / size
     spacing_z = float(rng.uniform(3.0, 5.0))
-    tumor = bool(rng.random() < 0.5) if with_tumor is None else with_tumor
+    drawn_tumor = bool(rng.random() < 0.5)
+    # Case 0 always has a tumor and case 1 never, so every set of two or more holds both kinds.
+    tumor = {0: True, 1: False}.get(index, drawn_tumor) if with_tumor is None else with_tumor
 
     # World (RAS, mm) coordinates of the voxel centres; stored index axes point L, P, S.
     half_fov = 0.5 * (size - 1) * spacing_xy
@@ -294,14 +311,12 @@ def make_phantom(
         label_box[tumor_mask] = TUMOR_VALUE
         tumor = bool(tumor_mask.any())
 
-    # Partial-volume blur (~0.5 voxel in-plane, less across slices), then correlated noise.
-    hu = ndimage.gaussian_filter(hu, sigma=(0.6, 0.6, 0.3), mode="nearest", truncate=3.0)
+    # Partial-volume blur (~0.5 voxel in-plane, a little across slices), then correlated noise.
+    hu = ndimage.gaussian_filter(hu, sigma=(0.6, 0.6, 0.4), mode="nearest", truncate=2.0)
     noise_sd = float(rng.uniform(8.0, 20.0))
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=(0.8, 0.8, 0.0), truncate=3.0)
-    # a 2D Gaussian of sigma s keeps 1 / (2 sqrt(pi) s) of white noise's standard deviation
-    noise *= noise_sd * 2.0 * np.sqrt(np.pi) * 0.8
-    hu += noise
+    noise = ndimage.gaussian_filter(noise, sigma=(NOISE_SIGMA, NOISE_SIGMA, 0.0), truncate=2.0)
+    hu += noise * (noise_sd / _smoothed_noise_sd())
     image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
     lumen_ml = float(lumen.sum()) * spacing_xy * spacing_xy * spacing_z / 1000.0
@@ -318,6 +333,17 @@ def make_phantom(
     return PhantomCase(f"case_{index:03d}", image, label, affine, params)
 
 
+def _generate_case(index: int, seed: int, size: int, labeled: bool, out_dir: Path) -> dict:
+    """Generate case ``index`` and write its files; returns its phantoms.json entry."""
+    case = make_phantom(index, seed=seed, size=size)
+    write_nifti(out_dir / "images" / f"{case.case_id}.nii.gz", case.image, case.affine, np.int16)
+    if labeled:
+        write_nifti(
+            out_dir / "labels" / f"{case.case_id}.nii.gz", case.label, case.affine, np.uint8
+        )
+    return {"case_id": case.case_id, "labeled": labeled, **case.params}
+
+
 def generate_phantoms(
     out_dir: Path,
     n: int = 24,
@@ -325,20 +351,25 @@ def generate_phantoms(
     size: int = 512,
     unlabeled: int = 0,
     overwrite: bool = False,
+    workers: int = 1,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
     """Write ``n`` phantom cases to ``out_dir`` (layout in the module docstring).
 
-    ``unlabeled``: the last ``unlabeled`` cases get no label file. Tumors are drawn per case with
-    probability 1/2, then the first labeled case is forced to have one and the second not to, so
-    every set with two labeled cases holds both kinds. Raises InputError for bad counts, or when
-    ``out_dir`` already holds files and ``overwrite`` is False. Returns a summary dict.
+    ``unlabeled``: the last ``unlabeled`` cases get no label file. ``workers``: processes
+    generating cases in parallel (the files are the same for any count). Raises InputError for
+    bad counts, or when ``out_dir`` already holds files and ``overwrite`` is False. Returns a
+    summary dict (counts, cases with tumor, slice counts).
     """
     out_dir = Path(out_dir)
     if n < 1:
         raise InputError(f"phantom -n: got {n}, expected at least 1 case")
     if not 0 <= unlabeled <= n:
         raise InputError(f"phantom --unlabeled: got {unlabeled}, expected 0..{n}")
+    if size < 16:
+        raise InputError(f"phantom --size: got {size}, expected at least 16 voxels in-plane")
+    if workers < 1:
+        raise InputError(f"phantom --workers: got {workers}, expected >= 1")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -349,21 +380,23 @@ def generate_phantoms(
         _remove_previous_phantoms(out_dir)
 
     n_labeled = n - unlabeled
+    jobs = [(index, seed, size, index < n_labeled, out_dir) for index in range(n)]
     cases = []
     with reporter.task("phantoms", total=n) as task:
-        for index in range(n):
-            forced = True if index == 0 else False if index == 1 else None
-            case = make_phantom(index, seed=seed, size=size, with_tumor=forced)
-            labeled = index < n_labeled
-            write_nifti(
-                out_dir / "images" / f"{case.case_id}.nii.gz", case.image, case.affine, np.int16
+        if workers == 1:
+            for job in jobs:
+                cases.append(_generate_case(*job))
+                task.advance(1, case=cases[-1]["case_id"])
+        else:
+            context = multiprocessing.get_context(
+                "fork" if sys.platform.startswith("linux") else "spawn"
             )
-            if labeled:
-                write_nifti(
-                    out_dir / "labels" / f"{case.case_id}.nii.gz", case.label, case.affine, np.uint8
-                )
-            cases.append({"case_id": case.case_id, "labeled": labeled, **case.params})
-            task.advance(1, case=case.case_id)
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(_generate_case, *job) for job in jobs]
+                for future in concurrent.futures.as_completed(futures):
+                    cases.append(future.result())
+                    task.advance(1, case=cases[-1]["case_id"])
+    cases.sort(key=lambda c: c["case_id"])
 
     summary = {
         "out_dir": str(out_dir),

@@ -76,6 +76,9 @@ def save_vqgan(
 def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     """A run folder or ``.safetensors`` file -> ``(VQGAN in eval mode, metadata dict)``.
 
+    ``metadata`` is plain JSON (see the module docstring) plus ``path``, the file loaded; the
+    resolved :class:`VQGANConfig` is ``model.config``.
+
     The model is built from the checkpoint's own config; its tensors must match it exactly and
     hash to the recorded ``weights_sha256``. Raises CheckpointError otherwise (a wrong stage, a
     corrupt file, a mismatch).
@@ -98,5 +101,4 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     model.to(device).eval()
     metadata = dict(metadata)
     metadata["path"] = str(path)
-    metadata["resolved_config"] = config
     return model, metadata
