@@ -2,7 +2,7 @@
 
 Generates N phantom cases (512x512x~24 by default), then times, in this process:
 
-* ``phantom``: generating and writing the cases;
+* ``phantom``: generating and writing the cases (1 and W worker processes);
 * ``floor``: for every case, read the input image and label (nibabel) and write arrays of the
   output's shape and dtype (float32 image, uint8 label) with the same NIfTI writer, one process;
 * ``preprocess`` with 1 and with W workers (paper profile: 512x512x24, no in-plane resampling),
@@ -65,7 +65,14 @@ def main() -> None:
         shutil.rmtree(phantoms, ignore_errors=True)
         start = time.perf_counter()
         generate_phantoms(phantoms, n=args.cases, seed=0, size=args.size)
-        rows.append(("phantom (generate + write)", time.perf_counter() - start))
+        rows.append(("phantom (generate + write), 1 worker", time.perf_counter() - start))
+        if args.workers > 1:
+            start = time.perf_counter()
+            generate_phantoms(
+                work / "phantoms_par", n=args.cases, size=args.size, workers=args.workers
+            )
+            rows.append((f"phantom, {args.workers} workers", time.perf_counter() - start))
+            shutil.rmtree(work / "phantoms_par")
 
         paper = load_config("paper").preprocess
         paper.target_size = (args.size, args.size)  # the phantoms' own grid: no resampling

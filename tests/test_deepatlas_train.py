@@ -80,10 +80,10 @@ def test_training_writes_checkpoints_logs_and_validation(tiny_dataset, tmp_path)
 
 
 def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dataset, tmp_path):
-    config = tiny_config(**{"deepatlas.max_steps": 10})
+    config = tiny_config(**{"deepatlas.max_steps": 8})
     train_deepatlas(config, tiny_dataset, tmp_path / "straight")
-    with pytest.raises(KeyboardInterrupt):  # killed at step 8, last checkpoint at step 6
-        train_deepatlas(config, tiny_dataset, tmp_path / "killed", reporter=_KillAt(8))
+    with pytest.raises(KeyboardInterrupt):  # killed at step 7, last checkpoint at step 6
+        train_deepatlas(config, tiny_dataset, tmp_path / "killed", reporter=_KillAt(7))
     train_deepatlas(config, tiny_dataset, tmp_path / "killed", resume=True)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "model.safetensors")

@@ -147,7 +147,17 @@ def test_broken_wall_and_floating_tumor_are_implausible():
     checks = plausibility(m, real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2))
     assert not checks["encloses_lumen"]
     assert not checks["tumor_on_wall"]
+    assert not checks["tumor_in_bladder"]
     assert not checks["plausible"]
+
+
+def test_tumor_growing_from_the_inner_wall_into_the_lumen_is_plausible():
+    classes = ring_classes(outer=8, inner=5)
+    classes[7:9, 10:13, 1:3] = 2  # just inside the ring (radius 3.5-5 from the centre)
+    m = measure_anatomy(classes, (2.0, 2.0, 5.0))
+    assert m["tumor_touches_wall"] and m["tumor_inside_fraction"] == 1.0
+    ranges = real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2)
+    assert plausibility(m, ranges)["plausible"]
 
 
 class ThresholdNet(torch.nn.Module):

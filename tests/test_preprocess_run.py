@@ -85,6 +85,18 @@ def test_manifest_records_sources_hashes_geometry_and_slices(input_dir, tmp_path
     assert manifest["cases"][2]["label"] is None and manifest["rejected"] == []
 
 
+def test_float16_images_store_16_bit_values_that_read_back_as_floats(input_dir, tmp_path):
+    preprocess_folder(input_dir, tmp_path / "f32", CONFIG)
+    half = PreprocessConfig(target_size=(8, 8), target_depth=6, image_dtype="float16")
+    preprocess_folder(input_dir, tmp_path / "f16", half)
+    stored = nib.load(str(tmp_path / "f16" / "images" / "a.nii.gz"))
+    assert stored.get_data_dtype() == np.int16
+    full, compact = PreprocessedSet.open(tmp_path / "f32"), PreprocessedSet.open(tmp_path / "f16")
+    a32, a16 = full.load_image(full.case("a")), compact.load_image(compact.case("a"))
+    assert a16.dtype == np.float32
+    np.testing.assert_allclose(a16, a32, atol=1 / 32767)
+
+
 def test_nnunet_layout_drops_the_channel_suffix_and_keeps_test_images_unlabeled(tmp_path):
     root = tmp_path / "nnunet"
     image, label = _case()
@@ -94,6 +106,31 @@ def test_nnunet_layout_drops_the_channel_suffix_and_keeps_test_images_unlabeled(
     preprocess_folder(root, tmp_path / "out", CONFIG)
     data = PreprocessedSet.open(tmp_path / "out")
     assert [(c.case_id, c.labeled) for c in data.cases] == [("bl_001", True), ("bl_101", False)]
+
+
+def test_decathlon_style_names_without_channel_suffix_are_case_ids(tmp_path):
+    root = tmp_path / "msd"
+    image, label = _case()
+    write_nifti(root / "imagesTr" / "bladder_0001.nii.gz", image, AFFINE, np.int16)
+    write_nifti(root / "imagesTr" / "bladder_x.nii.gz", image, AFFINE, np.int16)
+    write_nifti(root / "labelsTr" / "bladder_0001.nii.gz", label, AFFINE, np.uint8)
+    preprocess_folder(root, tmp_path / "out", CONFIG)
+    data = PreprocessedSet.open(tmp_path / "out")
+    assert [(c.case_id, c.labeled) for c in data.cases] == [
+        ("bladder_0001", True),
+        ("bladder_x", False),
+    ]
+
+
+def test_a_second_nnunet_channel_rejects_the_case(tmp_path):
+    root = tmp_path / "nnunet"
+    image, _ = _case()
+    for name in ("a_0000", "b_0000", "b_0001"):
+        write_nifti(root / "imagesTr" / f"{name}.nii.gz", image, AFFINE, np.int16)
+    with pytest.raises(InputError, match=r"b_0001\.nii\.gz: channel 0001 found, expected a single"):
+        preprocess_folder(root, tmp_path / "out", CONFIG)
+    result = preprocess_folder(root, tmp_path / "out", CONFIG, skip_bad=True)
+    assert result["cases"] == 1 and result["rejected"] == ["b"]
 
 
 def test_dicom_series_folder_is_one_case(real_data, tmp_path):
@@ -220,6 +257,14 @@ def test_skip_bad_processes_the_rest_and_lists_the_rejected(kind, input_dir, tmp
     assert [c["case_id"] for c in manifest["cases"]] == ["a", "c"]
     assert manifest["rejected"][0]["case_id"] == "b" and manifest["rejected"][0]["error"]
     assert not (tmp_path / "out" / "images" / "b.nii.gz").exists()
+
+
+def test_rerun_without_skip_bad_still_reports_the_bad_case(input_dir, tmp_path):
+    _corrupt_truncated(input_dir)
+    preprocess_folder(input_dir, tmp_path / "out", CONFIG, skip_bad=True)
+    with pytest.raises(InputError, match=r"b\.nii\.gz"):
+        preprocess_folder(input_dir, tmp_path / "out", CONFIG)
+    assert preprocess_folder(input_dir, tmp_path / "out", CONFIG, skip_bad=True)["skipped"]
 
 
 def test_empty_input_folder_is_refused(tmp_path):

@@ -82,6 +82,15 @@ def test_real_nifti_world_corners_survive_the_tiny_preprocessing(real_data):
         atol=1e-3,
     )
 
+    from bladdergen.data.preprocess import restore_label
+
+    classes = np.zeros(prepared.image.shape, np.uint8)
+    classes[30:34, 30:34, 10:14] = 1
+    restored = restore_label(classes, prepared.record)
+    assert restored.shape == (122, 101, 112)
+    # the block covers 4/64 x 4/64 x 4/24 of the extent, so that share of the original voxels
+    assert 0.7 < restored.sum() / (122 * 101 * 112 * (4 / 64) ** 2 * (4 / 24)) < 1.3
+
 
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="file not found"):

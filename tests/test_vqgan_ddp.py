@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -26,6 +27,12 @@ vqgan:
 """
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_gloo_processes_train_and_write_one_consistent_checkpoint(tiny_dataset, tmp_path):
     config = tmp_path / "ddp.yaml"
     config.write_text(CONFIG)
@@ -38,7 +45,7 @@ def test_two_gloo_processes_train_and_write_one_consistent_checkpoint(tiny_datas
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(_free_port()),
         "-m",
         "bladdergen",
         "train-vqgan",

@@ -16,6 +16,10 @@ class PreprocessConfig:
     ``target_depth``: axial slices after the depth policy (the paper uses 24).
     ``window``: HU range mapped linearly to [-1, 1]; values outside are clipped.
     ``label_map``: dataset label value -> class index (0 background, 1 wall, 2 tumor).
+    ``depth_policy``: ``paper`` (SPEC §1.1), ``resample`` or ``crop`` (:mod:`bladdergen.data.depth`).
+    ``image_dtype``: ``float16`` halves the image files; NIfTI has no float16 type, so they hold
+    16-bit integers with a 1/32767 scale factor (readers get floats back).
+    ``workers``: processes over cases (``--workers``); it does not change the output.
     """
 
     target_size: tuple[int, int] | None = (512, 512)

@@ -7,8 +7,9 @@ Two layouts are recognised:
     ``labels/<case>.nii.gz`` matched by case id. A case without a label is unlabeled.
 nnU-Net raw layout
     ``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``, and ``imagesTs/`` (unlabeled
-    unless ``labelsTs/`` holds its label). The ``_0000`` channel suffix is dropped from the case id;
-    other channels (``_0001``...) are refused: the toolkit takes one CT channel.
+    unless ``labelsTs/`` holds its label). When every image name ends in a 4-digit channel suffix,
+    ``_0000`` is dropped from the case id and other channels (``_0001``...) are refused (the
+    toolkit takes one CT channel); otherwise (Decathlon style) the names are the case ids.
 
 Problems that concern one case (a duplicate id, a label without an image, a second channel) are
 returned as :class:`CaseProblem` so ``--skip-bad`` can set them aside; problems with the folder
@@ -59,22 +60,23 @@ def _entries(folder: Path) -> list[Path]:
     return found
 
 
-def _case_id(path: Path, nnunet_image: bool) -> tuple[str, str | None]:
-    """(case id, problem or None) for an image/label path."""
+def _case_id(path: Path, channel_suffix: bool) -> tuple[str, str | None]:
+    """(case id, problem or None) for an image path; ``channel_suffix``: names end in _NNNN."""
     name = path.name if path.is_dir() else strip_volume_suffix(path)
-    if not nnunet_image:
+    if not channel_suffix:
         return name, None
     match = _CHANNEL.match(name)
-    if match is None:
-        return name, (
-            f"{path}: nnU-Net image name lacks the channel suffix, expected <case>_0000"
-            f"{volume_suffix(path) or ''}"
-        )
     if match["channel"] != "0000":
         return match["case"], (
             f"{path}: channel {match['channel']} found, expected a single CT channel (_0000)"
         )
     return match["case"], None
+
+
+def _has_channel_suffixes(entries: list[Path]) -> bool:
+    """nnU-Net names every image <case>_0000; Decathlon-style folders use plain case names."""
+    names = [p.name if p.is_dir() else strip_volume_suffix(p) for p in entries]
+    return bool(names) and all(_CHANNEL.match(name) for name in names)
 
 
 def discover_cases(in_dir: Path) -> tuple[list[InputCase], list[CaseProblem]]:
@@ -100,8 +102,10 @@ def discover_cases(in_dir: Path) -> tuple[list[InputCase], list[CaseProblem]]:
     labels: dict[str, list[Path]] = {}
     problems: list[CaseProblem] = []
     for image_folder, label_folder in pairs:
-        for path in _entries(in_dir / image_folder):
-            case_id, problem = _case_id(path, nnunet)
+        entries = _entries(in_dir / image_folder)
+        channel_suffix = nnunet and _has_channel_suffixes(entries)
+        for path in entries:
+            case_id, problem = _case_id(path, channel_suffix)
             if problem:
                 problems.append(CaseProblem(case_id, path, problem))
                 continue
@@ -118,7 +122,8 @@ def discover_cases(in_dir: Path) -> tuple[list[InputCase], list[CaseProblem]]:
         )
 
     cases: list[InputCase] = []
-    for case_id in sorted(images):
+    multi_channel = {p.case_id for p in problems}  # a case with a second channel is refused whole
+    for case_id in sorted(set(images) - multi_channel):
         found = images[case_id]
         if len(found) > 1:
             names = ", ".join(str(p) for p, _ in found)

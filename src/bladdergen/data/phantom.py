@@ -83,15 +83,19 @@ def _ellipse(
     return (u / ax) ** 2 + (v / ay) ** 2
 
 
-NOISE_SIGMA = 0.8  # in-plane correlation of the CT noise, voxels
+BLUR_SIGMA = (0.6, 0.6, 0.4)  # partial-volume blur and noise correlation, voxels (X, Y, Z)
+BLUR_TRUNCATE = 2.0
 
 
-def _smoothed_noise_sd() -> float:
-    """Standard deviation of unit white noise after the in-plane noise filter (exact, discrete)."""
-    delta = np.zeros(9)
-    delta[4] = 1.0
-    kernel = ndimage.gaussian_filter1d(delta, NOISE_SIGMA, truncate=2.0)
-    return float(np.sum(kernel**2))  # separable 2D: sqrt(sum k^2)^2
+def _blurred_noise_sd() -> float:
+    """Standard deviation of unit white noise after the blur (exact for the discrete kernels)."""
+    variance = 1.0
+    for sigma in BLUR_SIGMA:
+        delta = np.zeros(9)
+        delta[4] = 1.0
+        kernel = ndimage.gaussian_filter1d(delta, sigma, truncate=BLUR_TRUNCATE)
+        variance *= float(np.sum(kernel**2))  # separable: variances multiply
+    return float(np.sqrt(variance))
 
 
 def _shape_factor(coeffs: np.ndarray, du: Any, dv: Any, dw: Any) -> Any:
@@ -121,6 +125,103 @@ def _box(
     sx, sy, sz = slices
     grids = (x[sx][:, None, None], y[sy][None, :, None], z[sz][None, None, :])
     return (sx, sy, sz), grids
+
+
+def _paint_body(
+    hu: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    rng: np.random.Generator,
+    tissue: dict[str, float],
+) -> None:
+    """Body outline slowly changing along z: subcutaneous fat over muscle (in place on ``hu``).
+
+    ``x``, ``y``, ``z``: world coordinates (mm) of the voxel centres along each index axis.
+    """
+    body_a = float(rng.uniform(150, 190))
+    body_b = float(rng.uniform(105, 135))
+    fat_thickness = float(rng.uniform(12, 35))
+    x2, y2 = x[:, None], y[None, :]
+    # A per-slice scale of the squared radius keeps this to a few full-volume operations.
+    slice_scale = (1.0 / (1.0 + 0.002 * z) ** 2).astype(np.float32)[None, None, :]
+    body_r = _ellipse(x2, y2, 0.0, 0.0, body_a, body_b)[:, :, None] * slice_scale
+    hu[body_r <= 1.0] = tissue["fat"]
+    del body_r
+    inner = _ellipse(x2, y2, 0.0, 0.0, body_a - fat_thickness, body_b - fat_thickness)
+    hu[inner[:, :, None] * slice_scale <= 1.0] = tissue["muscle"]
+
+
+def _paint_bones(
+    hu: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    rng: np.random.Generator,
+    tissue: dict[str, float],
+) -> None:
+    """Pelvic bone, in place on ``hu``: each piece a cancellous core in a cortical shell.
+
+    Iliac/ischial walls beside the cavity (whole slab), femoral heads low in the slab, pubic rami
+    in front below the bladder, the sacrum behind and above. ``bone`` holds the smallest squared
+    normalised radius over all pieces (< 1 inside a piece; < 0.6 is the cancellous core).
+    """
+    side = float(rng.uniform(72, 88))
+    tilt = float(rng.uniform(0.15, 0.35))
+    walls = np.full((x.size, y.size), np.inf, dtype=np.float32)
+    pieces = []  # (centre mm, semi-axes mm) of ellipsoids
+    for sign in (-1.0, 1.0):
+        half_width, half_length = float(rng.uniform(8, 12)), float(rng.uniform(36, 46))
+        wall = _ellipse(
+            x[:, None], y[None, :], sign * side, -15.0, half_width, half_length, sign * tilt
+        )
+        np.minimum(walls, wall, out=walls)
+        head = float(rng.uniform(21, 25))
+        head_x = sign * (side + float(rng.uniform(18, 26)))
+        pieces.append(((head_x, 5.0, float(rng.uniform(-45, -15))), (head, head, head)))
+        ramus = (sign * float(rng.uniform(14, 22)), float(rng.uniform(70, 85)))
+        pieces.append(((*ramus, float(rng.uniform(-40, -20))), (14.0, 8.0, 18.0)))
+    sacrum = (0.0, float(rng.uniform(-95, -80)), float(rng.uniform(25, 45)))
+    pieces.append((sacrum, (float(rng.uniform(32, 45)), float(rng.uniform(12, 17)), 40.0)))
+
+    bone = np.repeat(walls[:, :, None], z.size, axis=2)
+    for center, axes in pieces:
+        box, (xb, yb, zb) = _box(x, y, z, center, axes)
+        r = ((xb - center[0]) / axes[0]) ** 2 + ((yb - center[1]) / axes[1]) ** 2
+        np.minimum(bone[box], r + ((zb - center[2]) / axes[2]) ** 2, out=bone[box])
+    hu[bone <= 1.0] = tissue["cortical"]
+    hu[bone <= 0.6] = tissue["cancellous"]
+
+
+def _tumor_mask(
+    u: np.ndarray,
+    v: np.ndarray,
+    w: np.ndarray,
+    outer: np.ndarray,
+    inner_axes: np.ndarray,
+    shape_coeffs: np.ndarray,
+    radius: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A lobulated tumor seeded on the bladder's inner surface, growing into the lumen.
+
+    ``u, v, w``: bladder-frame coordinates (mm) of the bladder box's voxels; ``outer``: voxels
+    inside the outer wall surface (the tumor never leaves the bladder). The seed lies mostly on
+    the posterior/lateral walls, where bladder tumors are most common.
+    """
+    direction = rng.normal(size=3)
+    direction[1] = -abs(direction[1])
+    direction /= np.linalg.norm(direction)
+    shape_at = float(_shape_factor(shape_coeffs, *direction))
+    # the inner surface along `direction`: t·d with sqrt(sum((t·d / axes)^2)) = shape factor
+    surface = direction * shape_at / np.sqrt(np.sum((direction / inner_axes) ** 2))
+    cu, cv, cw = surface * 0.98 - direction * radius * 0.35
+    axes = radius * rng.uniform(0.75, 1.25, 3)
+    blob = ((u - cu) / axes[0]) ** 2 + ((v - cv) / axes[1]) ** 2 + ((w - cw) / axes[2]) ** 2
+    # lobulated: a second, smaller blob beside the first
+    du, dv, dw = rng.normal(size=3) * radius * 0.5
+    lobe = ((u - cu - du) ** 2 + (v - cv - dv) ** 2 + (w - cw - dw) ** 2) / (0.6 * radius) ** 2
+    return ((blob <= 1.0) | (lobe <= 1.0)) & outer
 
 
 def make_phantom(
@@ -163,29 +264,16 @@ def make_phantom(
     x = x - float(rng.uniform(-15, 15))
     y = y - float(rng.uniform(-25, 5))
     shape = (size, size, n_slices)
-    X2, Y2 = x[:, None], y[None, :]  # in-plane grids for structures constant along z
+    x2, y2 = x[:, None], y[None, :]  # in-plane grids for structures constant along z
 
     jitter = {k: v + float(rng.normal(0, 4)) for k, v in HU.items()}
     hu = np.full(shape, jitter["air"], dtype=np.float32)
 
-    # Body outline, slowly changing along z, subcutaneous fat over muscle. Per-slice scale of the
-    # squared radius keeps this at a few full-volume operations.
-    body_a = float(rng.uniform(150, 190))
-    body_b = float(rng.uniform(105, 135))
-    fat_thickness = float(rng.uniform(12, 35))
-    slice_scale = (1.0 / (1.0 + 0.002 * z) ** 2).astype(np.float32)[None, None, :]
-    body_r = _ellipse(X2, Y2, 0.0, 0.0, body_a, body_b)[:, :, None] * slice_scale
-    inner_r = (
-        _ellipse(X2, Y2, 0.0, 0.0, body_a - fat_thickness, body_b - fat_thickness)[:, :, None]
-        * slice_scale
-    )
-    hu[body_r <= 1.0] = jitter["fat"]
-    hu[inner_r <= 1.0] = jitter["muscle"]
-    del body_r, inner_r
+    _paint_body(hu, x, y, z, rng, jitter)
 
     # Pelvic cavity: fat around bladder and rectum (2D masks index all slices at once).
     cavity_y = float(rng.uniform(-10, 5))
-    cavity = _ellipse(X2, Y2, 0.0, cavity_y, float(rng.uniform(62, 78)), float(rng.uniform(58, 72)))
+    cavity = _ellipse(x2, y2, 0.0, cavity_y, float(rng.uniform(62, 78)), float(rng.uniform(58, 72)))
     hu[cavity <= 1.0] = jitter["fat"]
 
     # Bladder: a perturbed, rotated ellipsoid; wall = outer shell of thickness t. Computed inside
@@ -198,9 +286,9 @@ def make_phantom(
     wall_thickness_grid = max(wall_thickness, 1.2 * spacing_xy)
     shape_coeffs = rng.uniform(-0.12, 0.12, 5).astype(np.float32)
     reach = float(b_axes.max()) * (1.0 + float(np.abs(shape_coeffs).sum())) + 1.0
-    box, (Xb, Yb, Zb) = _box(x, y, z, b_center, (reach, reach, reach))
-    u, v = _rotate(Xb - b_center[0], Yb - b_center[1], b_angle)
-    w = Zb - b_center[2]
+    box, (xb, yb, zb) = _box(x, y, z, b_center, (reach, reach, reach))
+    u, v = _rotate(xb - b_center[0], yb - b_center[1], b_angle)
+    w = zb - b_center[2]
     radius = np.sqrt(u * u + v * v + w * w) + 1e-3
     du, dv, dw = u / radius, v / radius, w / radius
     # Direction-dependent size change: smooth low-order terms (a pear/tilted-dome shape).
@@ -220,64 +308,12 @@ def make_phantom(
         b_center[1] - float(b_axes[1]) - float(rng.uniform(14, 24)),
     )
     r_radius = float(rng.uniform(12, 18))
-    rectum = _ellipse(X2, Y2, r_center[0], r_center[1], r_radius, r_radius * 0.85)
+    rectum = _ellipse(x2, y2, r_center[0], r_center[1], r_radius, r_radius * 0.85)
     gas_fill = float(rng.uniform(0.3, 0.7))
     hu[rectum <= 1.0] = jitter["muscle"]
     hu[rectum <= gas_fill**2] = jitter["gas"]
 
-    # Pelvic bone, each piece a cancellous core with a cortical shell: `bone` holds the smallest
-    # squared normalised radius over all pieces (< 1 inside a piece).
-    side = float(rng.uniform(72, 88))
-    wall_tilt = float(rng.uniform(0.15, 0.35))
-    bars = np.full((size, size), np.inf, dtype=np.float32)
-    pieces = []
-    for sign in (-1.0, 1.0):
-        # ilium/ischium: a tilted bar beside the cavity, present over the whole slab
-        bar = _ellipse(
-            X2,
-            Y2,
-            sign * side,
-            -15.0,
-            float(rng.uniform(8, 12)),
-            float(rng.uniform(36, 46)),
-            sign * wall_tilt,
-        )
-        np.minimum(bars, bar, out=bars)
-        # femoral head: a sphere lateral to the acetabulum, low in the slab
-        head_r = float(rng.uniform(21, 25))
-        pieces.append(
-            (
-                (sign * (side + float(rng.uniform(18, 26))), 5.0, float(rng.uniform(-45, -15))),
-                (head_r, head_r, head_r),
-            )
-        )
-        # pubic ramus: anterior, below the bladder centre
-        pieces.append(
-            (
-                (
-                    sign * float(rng.uniform(14, 22)),
-                    float(rng.uniform(70, 85)),
-                    float(rng.uniform(-40, -20)),
-                ),
-                (14.0, 8.0, 18.0),
-            )
-        )
-    # sacrum: posterior midline, above the bladder centre
-    pieces.append(
-        (
-            (0.0, float(rng.uniform(-95, -80)), float(rng.uniform(25, 45))),
-            (float(rng.uniform(32, 45)), float(rng.uniform(12, 17)), 40.0),
-        )
-    )
-    bone = np.repeat(bars[:, :, None], n_slices, axis=2)
-    for center, axes in pieces:
-        piece_box, (Xp, Yp, Zp) = _box(x, y, z, center, axes)
-        r = ((Xp - center[0]) / axes[0]) ** 2 + ((Yp - center[1]) / axes[1]) ** 2
-        r = r + ((Zp - center[2]) / axes[2]) ** 2
-        np.minimum(bone[piece_box], r, out=bone[piece_box])
-    hu[bone <= 1.0] = jitter["cortical"]
-    hu[bone <= 0.6] = jitter["cancellous"]
-    del bone
+    _paint_bones(hu, x, y, z, rng, jitter)
 
     hu_box = hu[box]
     hu_box[wall] = jitter["wall"]
@@ -288,35 +324,20 @@ def make_phantom(
     label_box[wall] = WALL_VALUE
     tumor_radius = 0.0
     if tumor:
-        # Seed on the inner surface, mostly on the posterior/lateral walls; grows into the lumen.
-        direction = rng.normal(size=3)
-        direction[1] = -abs(direction[1])
-        direction /= np.linalg.norm(direction)
         tumor_radius = float(rng.uniform(5.0, 14.0))
-        shape_at = float(_shape_factor(shape_coeffs, *direction))
-        # the inner surface along `direction`: t·d with sqrt(sum((t·d / axes)^2)) = factor
-        surface = direction * shape_at / np.sqrt(np.sum((direction / inner_axes) ** 2))
-        cu, cv, cw = surface * 0.98 - direction * tumor_radius * 0.35
-        t_axes = tumor_radius * rng.uniform(0.75, 1.25, 3)
-        blob = (
-            ((u - cu) / t_axes[0]) ** 2 + ((v - cv) / t_axes[1]) ** 2 + ((w - cw) / t_axes[2]) ** 2
-        )
-        # lobulated: a second, smaller blob beside the first
-        offset = rng.normal(size=3) * tumor_radius * 0.5
-        lobe = (
-            (u - cu - offset[0]) ** 2 + (v - cv - offset[1]) ** 2 + (w - cw - offset[2]) ** 2
-        ) / (0.6 * tumor_radius) ** 2
-        tumor_mask = ((blob <= 1.0) | (lobe <= 1.0)) & outer
+        tumor_mask = _tumor_mask(u, v, w, outer, inner_axes, shape_coeffs, tumor_radius, rng)
         hu_box[tumor_mask] = jitter["tumor"] + float(rng.uniform(-8, 8))
         label_box[tumor_mask] = TUMOR_VALUE
         tumor = bool(tumor_mask.any())
 
-    # Partial-volume blur (~0.5 voxel in-plane, a little across slices), then correlated noise.
-    hu = ndimage.gaussian_filter(hu, sigma=(0.6, 0.6, 0.4), mode="nearest", truncate=2.0)
+    # White noise, then one blur for both partial volume (~0.5 voxel in-plane, a little across
+    # slices) and the spatial correlation of CT noise; the noise is pre-scaled so that its
+    # standard deviation after the blur is the drawn one.
     noise_sd = float(rng.uniform(8.0, 20.0))
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=(NOISE_SIGMA, NOISE_SIGMA, 0.0), truncate=2.0)
-    hu += noise * (noise_sd / _smoothed_noise_sd())
+    hu += noise * np.float32(noise_sd / _blurred_noise_sd())
+    del noise
+    hu = ndimage.gaussian_filter(hu, sigma=BLUR_SIGMA, mode="nearest", truncate=BLUR_TRUNCATE)
     image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
     lumen_ml = float(lumen.sum()) * spacing_xy * spacing_xy * spacing_z / 1000.0

@@ -80,6 +80,9 @@ def preprocess_folder(
     fingerprint = _fingerprint(inputs, settings, [_problem_dict(p) for p in problems])
     existing = _existing_manifest(out_dir)
     if existing is not None and existing.get("fingerprint") == fingerprint and not overwrite:
+        if existing.get("rejected") and not skip_bad:
+            # the same inputs hold the same bad cases: fail as a fresh run would
+            raise InputError(existing["rejected"][0]["error"])
         return _summary(existing, out_dir, skipped=True)
     if out_dir.exists() and not overwrite:
         if not out_dir.is_dir():

@@ -74,7 +74,7 @@ def strip_volume_suffix(path: Path) -> str:
 
 def is_dicom_folder(path: Path) -> bool:
     """True when ``path`` is a folder holding at least one DICOM series SimpleITK can find."""
-    if not path.is_dir():
+    if not Path(path).is_dir():
         return False
     import SimpleITK as sitk
 

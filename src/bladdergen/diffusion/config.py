@@ -116,14 +116,14 @@ class SampleConfig:
 
 
 LDM_TINY = {
-    "base_channels": 32,
+    "base_channels": 16,
     "channel_mults": [1, 2, 2],
-    "attention_heads": 4,
+    "attention_heads": 2,
     "attention_head_channels": 16,
-    "max_steps": 3000,
+    "max_steps": 2000,
     "batch_size": 4,
     "grad_accumulation": 1,
-    "learning_rate": 5e-4,
+    "learning_rate": 1e-3,
     "ema_decay": 0.99,
     "ema_every": 1,
     "ema_start": 200,

@@ -219,10 +219,12 @@ def sample_volumes(
             ]
             x_T = per_sample_noise(latent_shape, generators, device)
             z = scaler.from_unit(sampler.sample(denoise, x_T, generators))
-            z_q, _ = vqgan.quantize(z)
-            volumes = vqgan.decode(z_q).float()[:, 0].cpu().numpy()  # (B, X, Y, Z) in ~[-1, 1]
-            for index, volume in zip(indices, volumes, strict=True):
-                hu = unit_to_hu(volume, window)
+            z_q, _ = vqgan.quantize(z)  # exact code vectors: batch-size noise is snapped away
+            for row, index in enumerate(indices):
+                # decoded one at a time: batched convolutions may round differently, and a
+                # sample's file must not depend on its batch
+                volume = vqgan.decode(z_q[row : row + 1]).float()[0, 0].cpu().numpy()
+                hu = unit_to_hu(volume, window)  # (X, Y, Z)
                 if cfg.previews:
                     write_preview(out_dir / PREVIEW_DIR / f"{sample_name(index)}.png", hu, window)
                 # the volume is written last: its presence marks a complete sample

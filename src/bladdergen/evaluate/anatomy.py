@@ -3,7 +3,9 @@
 A bladder is *plausible* when the predicted wall is one connected piece (its largest component
 holds at least ``MIN_MAIN_COMPONENT`` of the wall voxels), it encloses a lumen in the axial slices,
 its wall thickness and its volume lie within the range measured the same way on the real volumes
-(widened by a margin), and any tumor touches the wall.
+(widened by a margin), and any tumor touches the wall and lies mostly inside the bladder (at least
+``MIN_TUMOR_INSIDE`` of its voxels within the region the wall encloses). The check is only as good
+as the model: an under-trained model mislabels real and synthetic volumes alike.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from scipy import ndimage
 from bladdergen.errors import InputError
 
 MIN_MAIN_COMPONENT = 0.9
+MIN_TUMOR_INSIDE = 0.5
 ANATOMY_FIELDS = (
     "wall_voxels",
     "wall_main_component",
@@ -25,6 +28,7 @@ ANATOMY_FIELDS = (
     "wall_thickness_mm",
     "tumor_voxels",
     "tumor_touches_wall",
+    "tumor_inside_fraction",
 )
 
 
@@ -108,7 +112,8 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
     ``lumen_ml``: the axial-slice holes enclosed by the wall (tumor included), in ml;
     ``bladder_ml``: wall + lumen; ``wall_thickness_mm``: in-plane thickness from the wall's
     distance-transform ridge (2 x ridge distance - one voxel); ``tumor_touches_wall``: a tumor
-    voxel is 26-adjacent to a wall voxel (None when there is no tumor).
+    voxel is 26-adjacent to a wall voxel; ``tumor_inside_fraction``: share of tumor voxels within
+    the wall's filled axial outline (both None when there is no tumor).
     """
     wall = classes == 1
     tumor = classes == 2
@@ -121,10 +126,12 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
         "wall_thickness_mm": None,
         "tumor_voxels": int(tumor.sum()),
         "tumor_touches_wall": None,
+        "tumor_inside_fraction": None,
     }
     if tumor.any():
         near_wall = ndimage.binary_dilation(wall, structure=np.ones((3, 3, 3), bool))
         result["tumor_touches_wall"] = bool((tumor & near_wall).any())
+        result["tumor_inside_fraction"] = 0.0  # replaced below when a wall encloses anything
     if not wall.any():
         return result
     components, count = ndimage.label(wall, structure=np.ones((3, 3, 3), bool))
@@ -144,6 +151,8 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
     lumen = filled & ~wall
     result["lumen_ml"] = float(lumen.sum()) * voxel_ml
     result["bladder_ml"] = float(filled.sum()) * voxel_ml
+    if tumor.any():
+        result["tumor_inside_fraction"] = float((tumor & filled).sum() / tumor.sum())
     ridge_values = np.concatenate(ridges)
     result["wall_thickness_mm"] = float(2.0 * ridge_values.mean() - np.mean(in_plane))
     return result
@@ -167,6 +176,8 @@ def plausibility(measurement: dict[str, Any], ranges: dict[str, list[float]]) ->
         "one_connected_wall": measurement["wall_main_component"] >= MIN_MAIN_COMPONENT,
         "encloses_lumen": measurement["lumen_ml"] > 0,
         "tumor_on_wall": measurement["tumor_touches_wall"] is not False,
+        "tumor_in_bladder": measurement["tumor_inside_fraction"] is None
+        or measurement["tumor_inside_fraction"] >= MIN_TUMOR_INSIDE,
     }
     for key, check in (
         ("wall_thickness_mm", "thickness_in_range"),

@@ -210,6 +210,9 @@ def evaluate_generation(
         "comparison_grid": list(compare_shape),
         "hu_range": list(config.hu_range),
         "resampled_volumes": resampled,
+        "seg_model": None
+        if segmenter is None
+        else str(getattr(segmenter, "metadata", {}).get("checkpoint", "given")),
     }
     summary["appearance"] = appearance_summary(analyses, config)
     summary["slice_consistency"] = slice_summary(analyses)
@@ -431,6 +434,10 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _range(values: list[float] | None) -> str:
+    return "–" if not values else f"{values[0]:.1f}–{values[1]:.1f}"
+
+
 def _mean_sd(stats: dict[str, Any], digits: int = 3) -> str:
     return f"{_f(stats['mean'], digits)} ± {_f(stats['std'], digits)} (n={stats['n']})"
 
@@ -510,9 +517,11 @@ def render_report(summary: dict[str, Any]) -> str:
     else:
         ranges = anatomy["real_ranges"]
         lines += [
-            "Fraction of volumes passing each check on the model's segmentation. Real ranges "
-            f"(widened): wall thickness {ranges.get('wall_thickness_mm')} mm, bladder volume "
-            f"{ranges.get('bladder_ml')} ml.",
+            f"Segmentation model: `{summary['seg_model']}`. Fraction of volumes passing each "
+            "check on the model's segmentation (only as good as the model: compare with the real "
+            "column). Real ranges "
+            f"(widened): wall thickness {_range(ranges.get('wall_thickness_mm'))} mm, bladder "
+            f"volume {_range(ranges.get('bladder_ml'))} ml.",
             "",
             "| check | synthetic | real |",
             "|---|---|---|",

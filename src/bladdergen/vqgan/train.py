@@ -136,6 +136,11 @@ def _save_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
     atomic_write_with(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
 
 
+def _no_sync(module: torch.nn.Module, active: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` when ``active`` (accumulating), else nothing."""
+    return module.no_sync() if active else contextlib.nullcontext()
+
+
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
@@ -295,11 +300,11 @@ def _train_step(
         x = _augment(volumes[plan["indices"][pick]], plan["flips"][pick], cfg.flip_augmentation)
         x = x.to(runtime.device)
         slices = plan["slices"][pick]
-        last = micro == cfg.grad_accumulation - 1
-        sync = contextlib.nullcontext() if last or not runtime.distributed else None
+        # DDP all-reduces gradients only on the last micro step of an accumulation.
+        skip_sync = runtime.distributed and micro < cfg.grad_accumulation - 1
 
         # ---- autoencoder ----
-        with sync or model.no_sync(), autocast(runtime.device):
+        with _no_sync(model, skip_sync), autocast(runtime.device):
             out = model(x)
             l1 = (out.x_hat.float() - x).abs().mean()
             loss = cfg.l1_weight * l1 + cfg.commitment_weight * out.commitment
@@ -337,8 +342,8 @@ def _train_step(
         if gan_on:
             x_hat = out.x_hat.detach()
             with (
-                sync or disc2d.no_sync(),
-                sync or disc3d.no_sync(),
+                _no_sync(disc2d, skip_sync),
+                _no_sync(disc3d, skip_sync),
                 autocast(runtime.device),
             ):
                 real2d = disc2d(pick_slices(x, slices))[-1].float()
