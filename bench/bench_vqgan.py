@@ -7,6 +7,7 @@ commitment, both discriminators' GAN and feature-matching terms, then the discri
 on random volumes of the profile's shape, batch = the profile's batch size unless overridden.
 
     python bench/bench_vqgan.py --profiles tiny paper --steps 3 --paper-steps 1 --threads 2
+    python bench/bench_vqgan.py --profiles paper --paper-size 128   # smaller in-plane, same net
 
 Prints a Markdown table.
 """
@@ -21,7 +22,9 @@ import sys
 SHAPES = {"tiny": (64, 64, 24), "paper": (512, 512, 24)}
 
 
-def _one_profile(profile: str, steps: int, batch_size: int | None, device: str) -> dict:
+def _one_profile(
+    profile: str, steps: int, batch_size: int | None, device: str, paper_size: int
+) -> dict:
     """Run ``steps`` timed training steps (after one warm-up step) in this process."""
     import resource
     import time
@@ -41,7 +44,7 @@ def _one_profile(profile: str, steps: int, batch_size: int | None, device: str) 
     cfg = load_config(profile, overrides=overrides).vqgan
     torch.manual_seed(0)
     runtime = Runtime(device=torch.device(device))
-    shape = SHAPES[profile]
+    shape = (paper_size, paper_size, 24) if profile == "paper" else SHAPES[profile]
     model = VQGAN(cfg).to(runtime.device)
     disc2d = slice_discriminator(cfg).to(runtime.device)
     disc3d = VolumeDiscriminator(cfg, depth=shape[2]).to(runtime.device)
@@ -87,6 +90,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--paper-size",
+        type=int,
+        default=512,
+        help="in-plane size for the paper profile (smaller sizes to extrapolate memory on CPU)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -95,14 +104,15 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         steps = args.paper_steps if args.child == "paper" else args.steps
-        print(json.dumps(_one_profile(args.child, steps, args.batch_size, args.device)))
+        result = _one_profile(args.child, steps, args.batch_size, args.device, args.paper_size)
+        print(json.dumps(result))
         return
 
     rows = []
     for profile in args.profiles:
         command = [sys.executable, __file__, "--child", profile, "--threads", str(args.threads)]
         command += ["--steps", str(args.steps), "--paper-steps", str(args.paper_steps)]
-        command += ["--device", args.device]
+        command += ["--device", args.device, "--paper-size", str(args.paper_size)]
         if args.batch_size is not None:
             command += ["--batch-size", str(args.batch_size)]
         out = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -133,7 +133,7 @@ TINY = {
     "disc_channels": 16,
     "disc_layers": 2,
     "disc_start": 500,
-    "lr": 1e-3,
+    "lr": 3e-4,
     "disc_lr": 2e-4,
     "max_steps": 800,
     "log_every": 10,
