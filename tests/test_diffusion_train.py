@@ -94,3 +94,11 @@ def test_training_into_an_existing_run_without_resume_is_refused(tiny_dataset, v
     train_ldm(micro_config(**{"ldm.max_steps": 1}), tiny_dataset, run, vqgan_run)
     with pytest.raises(InputError, match="--resume"):
         train_ldm(micro_config(), tiny_dataset, run, vqgan_run)
+
+
+def test_resuming_with_a_different_denoiser_architecture_is_refused(
+    tiny_dataset, vqgan_run, trained_run
+):
+    config = micro_config(**{"ldm.base_channels": 12, "ldm.max_steps": 8})
+    with pytest.raises(CheckpointError, match="does not match the configured model"):
+        train_ldm(config, tiny_dataset, trained_run[0], vqgan_run, resume=True)

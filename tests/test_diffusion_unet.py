@@ -7,6 +7,7 @@ import torch
 
 from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.unet import DepthAttention, PseudoUNet3D
+from test_diffusion_fixtures import one_torch_thread  # noqa: F401
 
 SMALL = LDMConfig(
     base_channels=8,

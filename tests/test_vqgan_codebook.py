@@ -105,3 +105,12 @@ def test_chunked_search_equals_the_unchunked_one(chunk):
     book.embeddings.copy_(codes)
     expected = torch.cdist(flat, codes).argmin(dim=1)
     assert torch.equal(book.nearest(flat), expected)
+
+
+def test_training_pass_returns_the_codes_as_they_were_before_the_ema_update():
+    book = _codebook([[0.0, 0.0], [10.0, 10.0]], decay=0.5, restart_threshold=0.0)
+    book.train()
+    out = book(_latent([[1.0, 0.0], [9.0, 9.0]]))
+    assert torch.equal(out.z_q.detach()[0, :, 0, 0, 0], torch.tensor([0.0, 0.0]))
+    assert torch.equal(out.z_q.detach()[0, :, 1, 0, 0], torch.tensor([10.0, 10.0]))
+    assert not torch.equal(book.embeddings[0], torch.tensor([0.0, 0.0]))  # it did move

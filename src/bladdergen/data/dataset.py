@@ -120,6 +120,15 @@ class PreprocessedSet:
         return tuple(float(z) for z in zooms)
 
 
+def is_preprocessed_set(folder: Path) -> bool:
+    """True when ``folder`` holds a ``bladdergen preprocess`` manifest (not, e.g., a sample set's)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+
+
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     try:
         return nib.load(str(path))

@@ -78,7 +78,13 @@ def is_dicom_folder(path: Path) -> bool:
         return False
     import SimpleITK as sitk
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    # ITK warns on stderr for every folder without a series; here "no series" is an answer.
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def read_volume(path: Path) -> Volume:

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from bladdergen.data.config import PreprocessConfig
-from bladdergen.data.dataset import MANIFEST_NAME, PreprocessedSet
+from bladdergen.data.dataset import PreprocessedSet, is_preprocessed_set
 from bladdergen.errors import InputError
 from bladdergen.progress import SILENT, Reporter
 
@@ -107,7 +107,7 @@ def pool_from_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: {source} folder not found")
-    if (folder / MANIFEST_NAME).is_file():
+    if is_preprocessed_set(folder):  # a sample folder's manifest.json is not one
         dataset = PreprocessedSet.open(folder)
         return [PoolImage(f"{source}:{c.case_id}", source, c.image_path) for c in dataset.cases]
     raw = list_raw_volumes(folder)

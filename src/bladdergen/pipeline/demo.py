@@ -397,8 +397,10 @@ def _report(paths: DemoPaths, summary: dict[str, Any], results: dict[str, Any]) 
         lines += ["", f"## {name}", ""]
         for report in reports:
             text = report.read_text(encoding="utf-8")
-            # Re-root the evaluation report's relative links at the run folder.
-            lines.append(text.replace("](", f"](evaluation/{folder}/"))
+            # Re-root the evaluation report's relative links at the run folder, and nest its
+            # headings under this section's.
+            text = text.replace("](", f"](evaluation/{folder}/")
+            lines += [("##" + line) if line.startswith("#") else line for line in text.splitlines()]
     return "\n".join(lines) + "\n"
 
 

@@ -107,9 +107,11 @@ class Codebook(nn.Module):
             self._initialise(flat.detach())
         indices = self.nearest(flat.detach())
         counts = torch.bincount(indices, minlength=self.n_codes).float()
+        # The codes this batch was assigned to, taken before the EMA update and restarts move
+        # them (a restarted code would hand its vectors a random replacement).
+        z_q = self.embed(indices.view(z_e.shape[0], *z_e.shape[2:])).to(z_e.dtype)
         if self.training:
             self._ema_update(flat.detach(), indices, counts)
-        z_q = self.embed(indices.view(z_e.shape[0], *z_e.shape[2:])).to(z_e.dtype)
         commitment = F.mse_loss(z_e, z_q.detach())
         probs = counts / counts.sum().clamp_min(1.0)
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
@@ -156,7 +158,8 @@ class Codebook(nn.Module):
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.n_codes * self.eps) * total
         self.embeddings.copy_(self.embed_sum / smoothed[:, None])
-        dead = self.cluster_size < self.restart_threshold
+        # Dead: rarely used lately (EMA count below the threshold) and unused in this batch.
+        dead = (self.cluster_size < self.restart_threshold) & (counts == 0)
         if self.restart_threshold > 0 and bool(dead.any()):
             # The decision is the same on every rank: cluster_size is built from all-reduced counts.
             fresh = self._sample_vectors(flat, self.n_codes)
