@@ -82,6 +82,70 @@ def _one_profile(
     return result
 
 
+def activation_estimate(profile: str, batch: int, paper_size: int) -> dict:
+    """Device-independent memory estimate of one autoencoder step, on PyTorch's meta device.
+
+    Sums the bytes autograd saves for backward in the autoencoder + generator forward (encoder,
+    decoder, both discriminators on the reconstruction), adds the largest single block that
+    activation checkpointing recomputes in backward, the parameters with gradients and two Adam
+    moments, and one chunk of the codebook search. fp32; bf16 autocast roughly halves the
+    activation part. An estimate, not a measurement: allocator slack and kernel workspaces are
+    not counted.
+    """
+    import torch
+
+    from bladdergen.config import load_config
+    from bladdergen.vqgan.discriminators import VolumeDiscriminator, slice_discriminator
+    from bladdergen.vqgan.losses import pick_slices
+    from bladdergen.vqgan.model import VQGAN
+
+    cfg = load_config(profile).vqgan
+    shape = (paper_size, paper_size, 24) if profile == "paper" else SHAPES[profile]
+    saved = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.device("meta"):
+        model = VQGAN(cfg).train()
+        disc3d = VolumeDiscriminator(cfg, depth=shape[2])
+        disc2d = slice_discriminator(cfg)
+    x = torch.empty(batch, 1, *shape, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x_hat = model.decoder(model.encoder(x))
+        disc3d(x_hat)
+        disc2d(pick_slices(x_hat, torch.zeros(batch, dtype=torch.long)))
+    forward = saved[0]
+    largest_block = 0
+    if cfg.activation_checkpointing:
+        # The decoder's last stage runs at full resolution: one of its residual blocks is the
+        # largest piece recomputed at once in backward.
+        block = model.decoder.stages[-1][1]
+        channels = block.body[2].conv.in_channels
+        h = torch.empty(batch, channels, *shape, device="meta", requires_grad=True)
+        saved[0] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(h)
+        largest_block = saved[0]
+    n_params = sum(p.numel() for m in (model, disc2d, disc3d) for p in m.parameters())
+    weights = n_params * 4 * 4  # weights, gradients, two Adam moments
+    search = cfg.search_chunk * cfg.n_codes * 4 * 2  # distances + argmin workspace
+    total = forward + largest_block + weights + search
+    gb = 2**30
+    return {
+        "profile": profile,
+        "shape": "x".join(map(str, shape)),
+        "batch": batch,
+        "checkpointing": cfg.activation_checkpointing,
+        "saved_activations_GB": round(forward / gb, 2),
+        "largest_recomputed_block_GB": round(largest_block / gb, 2),
+        "weights_grads_adam_GB": round(weights / gb, 2),
+        "codebook_search_GB": round(search / gb, 2),
+        "estimate_fp32_GB": round(total / gb, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", nargs="+", default=["tiny", "paper"], choices=list(SHAPES))
@@ -97,7 +161,21 @@ def main() -> None:
         help="in-plane size for the paper profile (smaller sizes to extrapolate memory on CPU)",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the meta-device memory estimate (batch 1 and 2) instead of timing steps",
+    )
     args = parser.parse_args()
+
+    if args.estimate:
+        rows = [
+            activation_estimate(profile, batch, args.paper_size)
+            for profile in args.profiles
+            for batch in (1, 2)
+        ]
+        _print_table(rows)
+        return
 
     if args.child:
         import torch
@@ -117,6 +195,10 @@ def main() -> None:
             command += ["--batch-size", str(args.batch_size)]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    _print_table(rows)
+
+
+def _print_table(rows: list[dict]) -> None:
     keys = list(rows[0])
     for row in rows[1:]:
         keys += [k for k in row if k not in keys]

@@ -19,6 +19,15 @@ from bladdergen.vqgan.losses import (
 from bladdergen.vqgan.reconstruct import psnr, resample_baseline
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny nets gain nothing from threads; one avoids OpenMP spin-waits on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_hinge_discriminator_loss_matches_hand_computation():
     real = torch.tensor([2.0, 0.5])  # relu(1 - real) = [0, 0.5] -> mean 0.25
     fake = torch.tensor([-3.0, 0.0])  # relu(1 + fake) = [0, 1]  -> mean 0.5

@@ -11,6 +11,16 @@ from bladdergen.errors import CheckpointError, InputError
 from bladdergen.vqgan.load import load_vqgan, save_vqgan
 from bladdergen.vqgan.model import VQGAN, stage_strides
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny nets gain nothing from threads; one avoids OpenMP spin-waits on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 SMALL = {
     "vqgan.n_hiddens": 4,
     "vqgan.n_codes": 16,

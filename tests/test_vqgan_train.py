@@ -14,7 +14,17 @@ from bladdergen.errors import CheckpointError, InputError
 from bladdergen.progress import Reporter, Task
 from bladdergen.vqgan.load import load_vqgan
 from bladdergen.vqgan.reconstruct import reconstruct_set
-from bladdergen.vqgan.train import batch_plan, train_vqgan
+from bladdergen.vqgan.train import batch_plan, learning_rate, train_vqgan
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny nets gain nothing from threads; one avoids OpenMP spin-waits on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 # Tiny nets on the 32x32x8 fixture; the discriminators switch on at step 2 so every loss runs.
 SMALL = {
@@ -159,3 +169,12 @@ def test_reconstruct_command_prints_one_json_result(trained, tiny_dataset):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["n_cases"] == 6 and len(summary["cases"]) == 6
+
+
+def test_cosine_schedule_runs_from_lr_to_a_tenth_and_constant_stays_put():
+    cosine = _config(**{"vqgan.lr": 1e-3, "vqgan.lr_schedule": "cosine", "vqgan.max_steps": 101})
+    assert learning_rate(cosine.vqgan, 0) == pytest.approx(1e-3)
+    assert learning_rate(cosine.vqgan, 50) == pytest.approx(1e-3 * (0.1 + 0.45))
+    assert learning_rate(cosine.vqgan, 100) == pytest.approx(1e-4)
+    constant = _config(**{"vqgan.lr": 1e-3, "vqgan.lr_schedule": "constant"})
+    assert learning_rate(constant.vqgan, 3) == 1e-3

@@ -280,7 +280,11 @@ def train_deepatlas(
             record = {"step": step, "phase": phase, **terms}
             record["seconds"] = round(time.perf_counter() - started, 3)
             append_jsonl(run_dir / "metrics.jsonl", record)
-        if runtime.is_main and val_images.items and (step % cfg.val_every == 0 or step == total):
+        # scoring only starts once F_S has been trained: an untrained net that paints "wall"
+        # over a region can out-score one that predicts nothing and would be kept as "best"
+        seg_trained = supervised_only or step > cfg.reg_pretrain_steps
+        due = step % cfg.val_every == 0 or step == total
+        if runtime.is_main and val_images.items and seg_trained and due:
             last_val = validate(
                 _unwrap(seg_net),
                 _unwrap(reg_net) if reg_net else None,

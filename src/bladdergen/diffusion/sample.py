@@ -160,6 +160,11 @@ def sample_volumes(
 
     model, metadata, weights_path = load_ldm(ldm_path, device)
     vqgan_source = Path(vqgan_path) if vqgan_path is not None else Path(metadata["vqgan_path"])
+    if vqgan_path is None and not vqgan_source.exists():
+        raise CheckpointError(
+            f"{weights_path}: its VQ-GAN {vqgan_source} no longer exists; pass --vqgan with the "
+            "VQ-GAN it was trained with"
+        )
     vqgan, vq_meta = load_vqgan(vqgan_source, device)
     if vq_meta.get("weights_sha256") != metadata["vqgan_hash"]:
         raise CheckpointError(

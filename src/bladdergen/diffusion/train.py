@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from bladdergen.checkpoint import (
     WEIGHTS_NAME,
     load_state_dict_strict,
     load_training_state,
-    read_metadata,
     save_training_state,
     save_weights,
 )
@@ -100,8 +100,6 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     """Drop log records written after the checkpoint we resume from (they will be redone)."""
     if not path.is_file():
         return
-    import json
-
     kept = [
         line
         for line in path.read_text(encoding="utf-8").splitlines()
@@ -292,13 +290,3 @@ def train_ldm(
         "latent_shape": list(latent_shape),
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def read_ldm_metadata(path: Path) -> dict[str, Any]:
-    """Metadata of an LDM checkpoint file, CheckpointError if it is not one."""
-    metadata = read_metadata(path)
-    if metadata.get("kind") != KIND:
-        raise CheckpointError(
-            f"{path}: checkpoint is a {metadata.get('kind')!r} model, expected 'ldm'"
-        )
-    return metadata

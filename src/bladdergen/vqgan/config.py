@@ -25,6 +25,10 @@ class VQGANConfig:
     below ``restart_threshold`` is re-seeded from a current encoder output; the nearest-code search
     handles ``search_chunk`` latent vectors at a time (memory ~ search_chunk x n_codes floats).
 
+    Optimisation: ``lr_schedule`` ``cosine`` lowers the autoencoder's learning rate from ``lr`` to
+    ``lr / 10`` over ``max_steps`` (a steadier final model on short runs); the paper used a
+    constant rate.
+
     Losses: ``l1_weight``·L1 + ``commitment_weight``·MSE(z_e, sg(z_q)) + ``perceptual_weight``·
     perceptual (only with a local ``perceptual_weights``: a torchvision ResNet-50 state dict file for
     MONAI's PerceptualLoss) + after ``disc_start`` steps ``image_gan_weight``·G2d +
@@ -57,6 +61,7 @@ class VQGANConfig:
     disc_layers: int = 3
     # optimisation
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     disc_lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.9)
     grad_clip: float = 1.0
@@ -132,12 +137,13 @@ TINY = {
     "search_chunk": 4096,
     "disc_channels": 16,
     "disc_layers": 2,
-    "disc_start": 500,
+    "disc_start": 250,
     "lr": 3e-4,
+    "lr_schedule": "cosine",
     "disc_lr": 2e-4,
-    "max_steps": 800,
+    "max_steps": 400,
     "log_every": 10,
     "checkpoint_every": 100,
-    "image_every": 500,
+    "image_every": 100,
     "device": "cpu",
 }

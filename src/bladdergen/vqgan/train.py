@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,14 @@ def _save_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
     grid = np.concatenate([panel(x), panel(x_hat)], axis=0)
     pixels = ((grid + 1.0) * 127.5).round().astype(np.uint8)
     atomic_write_with(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+
+
+def learning_rate(cfg: VQGANConfig, step: int) -> float:
+    """The autoencoder's learning rate at ``step``: constant, or cosine from lr down to lr / 10."""
+    if cfg.lr_schedule == "constant" or cfg.max_steps <= 1:
+        return cfg.lr
+    progress = min(step / (cfg.max_steps - 1), 1.0)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def _no_sync(module: torch.nn.Module, active: bool) -> contextlib.AbstractContextManager:
@@ -361,6 +370,9 @@ def _train_step(
             sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accumulation
 
     torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), cfg.grad_clip)
+    sums["lr"] = learning_rate(cfg, step)
+    for group in opt_ae.param_groups:
+        group["lr"] = sums["lr"]
     opt_ae.step()
     if gan_on:
         params = [*_unwrap(disc2d).parameters(), *_unwrap(disc3d).parameters()]
