@@ -136,3 +136,15 @@ def test_cli_sample_exits_2_on_zero_samples_and_0_on_success(runs, tmp_path):
     )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["complete"] == 1
+
+
+def test_a_moved_vqgan_is_named_in_the_error(tiny_dataset, tmp_path):
+    vqgan = make_vqgan(tmp_path / "vqgan", tiny_dataset)
+    train_ldm(micro_config(**{"ldm.max_steps": 1}), tiny_dataset, tmp_path / "ldm", vqgan)
+    (vqgan / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match="no longer exists; pass --vqgan"):
+        sample_volumes(micro_config(), tmp_path / "ldm", tmp_path / "out", 1)
+    moved = sample_volumes(
+        micro_config(), tmp_path / "ldm", tmp_path / "out", 1, tmp_path / "elsewhere.safetensors"
+    )
+    assert moved["complete"] == 1

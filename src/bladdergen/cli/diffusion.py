@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,11 @@ from bladdergen.cli.common import (
     emit_result,
     handle_errors,
 )
+
+
+def _is_main_process() -> bool:
+    """Under torchrun only rank 0 prints the result (one JSON line for scripts)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @app.command("train-ldm")
@@ -76,7 +82,8 @@ def train_ldm_command(
     finally:
         reporter.stop()
         stop_runtime()
-    emit_result(result, json_output, quiet, "train-ldm finished")
+    if _is_main_process():
+        emit_result(result, json_output, quiet, "train-ldm finished")
 
 
 @app.command("sample")
@@ -150,4 +157,5 @@ def sample_command(
     finally:
         reporter.stop()
         stop_runtime()
-    emit_result(result, json_output, quiet, "sample finished")
+    if _is_main_process():
+        emit_result(result, json_output, quiet, "sample finished")

@@ -37,7 +37,7 @@ from bladdergen.diffusion.unet import PseudoUNet3D, build_denoiser
 from bladdergen.errors import CheckpointError, ConfigError, InputError
 from bladdergen.fileio import atomic_write_json, sha256_file
 from bladdergen.progress import SILENT, Reporter
-from bladdergen.runtime import Runtime, autocast, barrier, start_runtime
+from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, start_runtime
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
@@ -236,6 +236,7 @@ def sample_volumes(
                 write_nifti(nifti_path(index), hu, affine, np.int16)
             task.advance(len(indices))
     seconds = time.perf_counter() - started
+    generated = int(all_reduce_sum_(torch.tensor([len(mine)]))[0])  # over all ranks
     barrier()
 
     samples = _complete_samples(out_dir, n, settings)
@@ -244,12 +245,13 @@ def sample_volumes(
     return {
         "out_dir": str(out_dir),
         "requested": n,
-        "generated": len(mine),
+        "generated": generated,
         "skipped": n - len(todo),
         "complete": len(samples),
         "sampler": cfg.sampler,
         "steps": len(sampler.timesteps),
         "seconds": round(seconds, 2),
+        # wall time per volume of this process's share
         "seconds_per_volume": round(seconds / len(mine), 3) if mine else None,
         "manifest": str(manifest_path),
     }
