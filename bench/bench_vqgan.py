@@ -61,12 +61,13 @@ def _one_profile(
     _train_step(0, *args, *tail)  # warm-up: codebook init, allocator, kernels
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(1, steps + 1):
         _train_step(step, *args, *tail)
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / max(steps, 1)
+    cpu_seconds = (time.process_time() - cpu_started) / max(steps, 1)
     result = {
         "profile": profile,
         "shape": "x".join(map(str, shape)),
@@ -75,6 +76,8 @@ def _one_profile(
         "params_ae_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "checkpointing": cfg.activation_checkpointing,
         "seconds_per_step": round(seconds, 3),
+        # CPU time of this process: with --threads 1 it is what an idle core would take
+        "cpu_seconds_per_step": round(cpu_seconds, 3),
         "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     if runtime.device.type == "cuda":

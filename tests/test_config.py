@@ -77,3 +77,12 @@ def test_written_config_reads_back_identically(tmp_path: Path):
     path = write_config(config, tmp_path)
     assert config_from_yaml_file(path) == config
     assert config_to_yaml(config_from_yaml_file(path)) == config_to_yaml(config)
+
+
+def test_configuration_reference_in_docs_is_generated_from_the_config_classes():
+    from bladdergen.config import config_reference_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert docs.read_text(encoding="utf-8") == config_reference_markdown(), (
+        "docs/configuration.md is stale: run `bladdergen config reference -o docs/configuration.md`"
+    )
