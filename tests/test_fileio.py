@@ -38,3 +38,13 @@ def test_sha256_of_a_folder_hashes_its_files_in_name_order(tmp_path: Path):
     (tmp_path / "b").write_bytes(b"second")
     (tmp_path / "a").write_bytes(b"first")
     assert sha256_file(tmp_path) == hashlib.sha256(b"firstsecond").hexdigest()
+
+
+def test_atomic_output_gets_the_permissions_of_a_plain_write(tmp_path: Path):
+    import os
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    mode = os.stat(tmp_path / "atomic.txt").st_mode & 0o777
+    assert mode == os.stat(plain).st_mode & 0o777
