@@ -172,3 +172,26 @@ def test_two_gloo_processes_train_with_ddp(tiny_dataset, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps"] == 6
     assert read_metadata(run_dir / "model.safetensors")["step"] == 6
+
+
+def test_validation_scores_a_perfect_segmentation_as_dice_one(tiny_dataset):
+    from bladdergen.data.dataset import PreprocessedSet
+    from bladdergen.deepatlas.fields import Warper
+    from bladdergen.deepatlas.losses import one_hot
+    from bladdergen.deepatlas.pools import PoolImage
+    from bladdergen.deepatlas.train import _Images, validate
+    from bladdergen.runtime import start_runtime
+
+    dataset = PreprocessedSet.open(tiny_dataset)
+    case = dataset.case("case_001")  # labeled, with a tumor
+    truth = torch.from_numpy(dataset.load_label(case).astype(np.int64))[None, None]
+
+    class Oracle(torch.nn.Module):
+        roi_size = None
+
+        def forward(self, image):
+            return one_hot(truth) * 10.0
+
+    images = _Images([PoolImage("case_001", "validation", case.image_path, case.label_path)], [], 2)
+    scores = validate(Oracle(), None, images, images, Warper(), start_runtime("cpu"))
+    assert scores["dice_wall"] == 1.0 and scores["dice_tumor"] == 1.0

@@ -462,7 +462,7 @@ def validate(
     for index in range(len(val_images.items)):
         image = val_images.images([index], runtime.device)
         truth = val_images.labels([index], runtime.device)[0, 0]
-        predicted = predict_classes(seg_net, image)[0]
+        predicted = predict_classes(seg_net, image)  # (X, Y, Z)
         scores = dice_per_class(predicted, truth)
         wall.append(scores[1])
         tumor.append(scores[2])
