@@ -151,3 +151,53 @@ def test_restore_label_undoes_inplane_resampling_by_nearest_neighbour():
     assert classes.shape == (8, 8, 24)
     restored = classes_to_label_values(restore_label(classes, prepared.record))
     np.testing.assert_array_equal(restored, values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Central field-of-view crop (crop_mm)
+
+RAS_1MM = np.diag([1.0, 1.0, 3.0, 1.0])
+
+
+def test_crop_keeps_the_central_window_in_millimetres_and_its_world_position():
+    volume = _volume((100, 80, 24), RAS_1MM)
+    config = PreprocessConfig(target_size=None, crop_mm=(40.0, 30.0))
+    prepared = prepare_image(volume, config)
+    # 40 of 100 voxels starting at (100 - 40) // 2 = 30; 30 of 80 starting at 25.
+    assert prepared.image.shape == (40, 30, 24)
+    assert np.allclose(prepared.affine[:3, 3], [30.0, 25.0, 0.0])
+    expected = prepare_image(
+        Volume(volume.array[30:70, 25:55], RAS_1MM, volume.source),
+        PreprocessConfig(target_size=None),
+    ).image
+    assert np.array_equal(prepared.image, expected)
+
+
+def test_crop_wider_than_the_scan_keeps_the_whole_axis():
+    config = PreprocessConfig(target_size=None, crop_mm=(500.0, 20.0))
+    prepared = prepare_image(_volume((50, 60, 24), RAS_1MM), config)
+    assert prepared.image.shape == (50, 20, 24)
+    assert prepared.record["crop_inplane"]["start"] == [0, 20]
+
+
+def test_restored_label_after_a_crop_is_background_outside_the_window():
+    volume = _volume((100, 80, 24), RAS_1MM)
+    config = PreprocessConfig(target_size=(20, 15), crop_mm=(40.0, 30.0))
+    record = prepare_image(volume, config).record
+    classes = np.ones((20, 15, 24), dtype=np.uint8)
+    restored = restore_label(classes, record)
+    assert restored.shape == (100, 80, 24)
+    assert restored[30:70, 25:55].min() == 1
+    assert restored.sum() == 40 * 30 * 24  # nothing outside the 40 x 30 window
+
+
+def test_label_is_cropped_like_its_image():
+    volume = _volume((100, 80, 24), RAS_1MM)
+    label = np.zeros((100, 80, 24), dtype=np.float32)
+    label[30, 25, 0] = 255  # the first voxel inside the window
+    label[29, 25, 0] = 128  # just outside it
+    config = PreprocessConfig(target_size=None, crop_mm=(40.0, 30.0))
+    record = prepare_image(volume, config).record
+    classes = prepare_label(Volume(label, RAS_1MM, Path("lab.nii.gz")), record, config.label_map)
+    assert classes.shape == (40, 30, 24)
+    assert classes[0, 0, 0] == 1 and classes.sum() == 1

@@ -106,6 +106,23 @@ def _resample_inplane_nearest(array: np.ndarray, size: tuple[int, int]) -> np.nd
     return np.ascontiguousarray(array[ix][:, iy])
 
 
+def _central_crop(
+    shape: tuple[int, int], spacing: list[float], config: PreprocessConfig
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Start index and shape (X, Y) of the central ``config.crop_mm`` window (whole grid if None).
+
+    A window wider than the scan keeps the whole axis; the crop never pads.
+    """
+    if config.crop_mm is None:
+        return (0, 0), (int(shape[0]), int(shape[1]))
+    starts, sizes = [], []
+    for n, s, mm in zip(shape, spacing, config.crop_mm, strict=True):
+        keep = min(int(n), max(1, int(round(mm / s))))
+        starts.append((int(n) - keep) // 2)
+        sizes.append(keep)
+    return (starts[0], starts[1]), (sizes[0], sizes[1])
+
+
 def _target_inplane_size(
     shape: tuple[int, int], spacing: tuple[float, float], config: PreprocessConfig
 ) -> tuple[int, int]:
@@ -143,12 +160,19 @@ def prepare_image(volume: Volume, config: PreprocessConfig) -> PreparedImage:
     oriented_shape = tuple(int(n) for n in array.shape)
     oriented_spacing = _spacing(affine)
 
-    # 2. in-plane resampling
-    size = _target_inplane_size(oriented_shape[:2], oriented_spacing[:2], config)
-    resampled = size != oriented_shape[:2]
+    # 2. optional central field-of-view crop, then in-plane resampling
+    crop_start, cropped_shape = _central_crop(oriented_shape[:2], oriented_spacing[:2], config)
+    if cropped_shape != oriented_shape[:2]:
+        (x0, y0), (nx, ny) = crop_start, cropped_shape
+        array = np.ascontiguousarray(array[x0 : x0 + nx, y0 : y0 + ny])
+        shift = np.eye(4)
+        shift[:2, 3] = crop_start
+        affine = affine @ shift
+    size = _target_inplane_size(cropped_shape, oriented_spacing[:2], config)
+    resampled = size != cropped_shape
     if resampled:
         array = _resample_inplane_linear(array, size)
-        affine = affine @ _corner_index_map(oriented_shape[:2], size)
+        affine = affine @ _corner_index_map(cropped_shape, size)
 
     # 3. depth policy
     plan = DepthPlan.make(oriented_shape[2], config.target_depth, config.depth_policy)
@@ -171,9 +195,15 @@ def prepare_image(volume: Volume, config: PreprocessConfig) -> PreparedImage:
             "transform": transform.astype(int).tolist(),
             "shape": list(oriented_shape),
         },
+        "crop_inplane": {
+            "applied": cropped_shape != oriented_shape[:2],
+            "start": [int(i) for i in crop_start],
+            "shape_in": list(oriented_shape[:2]),
+            "shape_out": list(cropped_shape),
+        },
         "resample_inplane": {
             "applied": bool(resampled),
-            "shape_in": list(oriented_shape[:2]),
+            "shape_in": list(cropped_shape),
             "shape_out": list(size),
             "spacing_in": oriented_spacing[:2],
             "spacing_out": _spacing(affine)[:2],
@@ -199,6 +229,10 @@ def prepare_label(label: Volume, record: dict[str, Any], label_map: dict[int, in
     classes = label_values_to_classes(label.array, label_map, label.source)
     transform = np.array(record["reorient"]["transform"])
     classes = nib.orientations.apply_orientation(classes, transform)
+    crop = record.get("crop_inplane", {"applied": False})
+    if crop["applied"]:
+        (x0, y0), (nx, ny) = crop["start"], crop["shape_out"]
+        classes = classes[x0 : x0 + nx, y0 : y0 + ny]
     step = record["resample_inplane"]
     if step["applied"]:
         classes = _resample_inplane_nearest(classes, tuple(step["shape_out"]))
@@ -275,6 +309,12 @@ def restore_label(classes: np.ndarray, record: dict[str, Any]) -> np.ndarray:
     step = record["resample_inplane"]
     if step["applied"]:
         array = _resample_inplane_nearest(array, tuple(step["shape_in"]))
+    crop = record.get("crop_inplane", {"applied": False})
+    if crop["applied"]:  # outside the crop nothing was segmented: background (0)
+        (x0, y0), (nx, ny) = crop["start"], crop["shape_out"]
+        full = np.zeros((*crop["shape_in"], array.shape[2]), dtype=array.dtype)
+        full[x0 : x0 + nx, y0 : y0 + ny] = array
+        array = full
     # The inverse of "original axes -> canonical" is "canonical -> original axes".
     current = nib.orientations.io_orientation(np.array(record["original"]["affine"]))
     canonical = nib.orientations.axcodes2ornt(tuple(record["reorient"]["to"]))
