@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from monai.losses import (
@@ -55,7 +56,9 @@ class DeepAtlasLosses(torch.nn.Module):
 
     def regularity(self, field: torch.Tensor) -> torch.Tensor:
         """Normalised bending energy of a field (B, 3, X, Y, Z); every spatial size must be > 2."""
-        with _full_precision(field):
+        with _full_precision(field), warnings.catch_warnings():
+            # MONAI 1.6.1 indexes with a list inside BendingEnergyLoss; torch warns on every call.
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence")
             return self.bending(field.float())
 
     def anatomy(self, warped_moving: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

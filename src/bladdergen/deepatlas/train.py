@@ -362,7 +362,7 @@ def _registration_step(phase, rng, images, seg_net, reg_net, reg_opt, losses, wa
     similarity = losses.similarity(warper(moving, field), target)
     regularity = losses.regularity(field)
     loss = similarity + cfg.reg_weight * regularity
-    terms = {"similarity": float(similarity), "regularity": float(regularity)}
+    terms = {"similarity": float(similarity.detach()), "regularity": float(regularity.detach())}
     if phase == REG and cfg.anatomy_weight > 0:
         seg_m = _segmentations(moving_idx, moving, images, _unwrap(seg_net), rt)
         seg_t = _segmentations(target_idx, target, images, _unwrap(seg_net), rt)
