@@ -48,3 +48,12 @@ def test_atomic_output_gets_the_permissions_of_a_plain_write(tmp_path: Path):
     atomic_write_text(tmp_path / "atomic.txt", "x")
     mode = os.stat(tmp_path / "atomic.txt").st_mode & 0o777
     assert mode == os.stat(plain).st_mode & 0o777
+
+
+def test_truncating_a_log_keeps_steps_up_to_the_checkpoint_and_drops_a_cut_line(tmp_path: Path):
+    from bladdergen.fileio import truncate_jsonl_after_step
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    truncate_jsonl_after_step(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'

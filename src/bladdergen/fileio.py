@@ -85,3 +85,21 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
+
+
+def truncate_jsonl_after_step(path: Path, step: int) -> None:
+    """Keep only the records with ``"step" <= step`` (and drop a line cut by a kill).
+
+    A resumed run calls this so the log does not repeat the steps it redoes after its checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -16,7 +16,6 @@ preprocessing).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -52,7 +51,12 @@ from bladdergen.deepatlas.pairs import (
 from bladdergen.deepatlas.pools import PoolImage, VolumeCache, pool_from_folder, split_labeled
 from bladdergen.deepatlas.segment import dice_per_class, predict_classes
 from bladdergen.errors import CheckpointError, InputError
-from bladdergen.fileio import append_jsonl, atomic_write_json, atomic_write_text
+from bladdergen.fileio import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    truncate_jsonl_after_step,
+)
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, autocast, main_process_first, start_runtime
 
@@ -245,7 +249,7 @@ def train_deepatlas(
         step, best_score, best_step = state["step"], state["best_score"], state["best_step"]
         ckpt.set_rng_state(state["rng"])
         if runtime.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            truncate_jsonl_after_step(run_dir / "metrics.jsonl", step)
     elif runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(config, run_dir)
@@ -507,17 +511,3 @@ def _load_nets(tensors: dict[str, torch.Tensor], seg_net, reg_net, path: Path) -
     if reg_net is not None:
         reg = {k[len("reg_net.") :]: v for k, v in tensors.items() if k.startswith("reg_net.")}
         ckpt.load_state_dict_strict(reg_net, expand_state_dict(reg_net, reg), path)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from (a kill leaves them)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-    atomic_write_text(path, "".join(line + "\n" for line in kept))

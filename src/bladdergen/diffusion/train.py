@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from bladdergen.diffusion.latents import LatentScaler, cached_latents
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.unet import build_denoiser
 from bladdergen.errors import CheckpointError, InputError
-from bladdergen.fileio import append_jsonl, atomic_write_text
+from bladdergen.fileio import append_jsonl, truncate_jsonl_after_step
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import (
     Runtime,
@@ -94,18 +93,6 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
             f"{run_dir}: already holds a training run; pass --resume to continue it "
             "or choose a new RUN_DIR"
         )
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop log records written after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train_ldm(
@@ -179,7 +166,7 @@ def train_ldm(
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         if runtime.is_main:
-            _trim_metrics(metrics_path, step)
+            truncate_jsonl_after_step(metrics_path, step)
             reporter.notice(f"resuming from step {step}")
     elif resume and runtime.is_main:
         reporter.notice(f"{run_dir}: nothing to resume, starting a new run")

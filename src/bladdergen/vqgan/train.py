@@ -9,7 +9,6 @@ so the run continues exactly (on CPU: bit-identical to an uninterrupted run).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -30,7 +29,11 @@ from bladdergen.checkpoint import (
 from bladdergen.config import PipelineConfig, config_from_yaml_file, to_mapping, write_config
 from bladdergen.data.dataset import PreprocessedSet
 from bladdergen.errors import CheckpointError, InputError
-from bladdergen.fileio import append_jsonl, atomic_write_text, atomic_write_with
+from bladdergen.fileio import (
+    append_jsonl,
+    atomic_write_with,
+    truncate_jsonl_after_step,
+)
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, autocast, seed_everything, start_runtime
 from bladdergen.vqgan.config import VQGANConfig
@@ -222,7 +225,7 @@ def train_vqgan(
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(config, run_dir)
-        _truncate_metrics(run_dir / METRICS_NAME, start_step)
+        truncate_jsonl_after_step(run_dir / METRICS_NAME, start_step)
 
     if runtime.distributed:
         # The codebook syncs its own buffers (all-reduced EMA statistics), so DDP need not.
@@ -439,17 +442,3 @@ def _code_usage(model: VQGAN, volumes: torch.Tensor, device: torch.device) -> fl
         _, indices = model.quantize(model.encoder(volume[None].to(device)))
         used[indices.flatten().cpu()] = True
     return float(used.float().mean())
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint a resume starts from)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
