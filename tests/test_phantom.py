@@ -152,3 +152,18 @@ def test_bladders_of_two_phantoms_do_not_line_up_without_registration():
     # shape differ per case, so aligning them is a real registration problem.
     assert np.mean(dice) < 0.7 and max(dice) < 0.9
     assert min(dice) > 0.0  # but they are in the same region of the pelvis
+
+
+def test_phantom_command_takes_its_settings_from_the_profile_and_records_them(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from bladdergen.cli.app import app
+
+    out = tmp_path / "ph"
+    result = CliRunner().invoke(app, ["phantom", str(out), "-n", "2", "-p", "tiny", "-q"])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["phantom"]["size"] == 128  # the tiny profile's phantom size
+    assert written["phantom"]["cases"] == 2  # the flag wins over the profile
+    assert len(list((out / "images").glob("*.nii.gz"))) == 2

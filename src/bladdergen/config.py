@@ -23,8 +23,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from bladdergen.data.config import PHANTOM_TINY, PhantomConfig, PreprocessConfig
 from bladdergen.data.config import TINY as PREPROCESS_TINY
-from bladdergen.data.config import PreprocessConfig
 from bladdergen.deepatlas.config import TINY as DEEPATLAS_TINY
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.diffusion.config import LDM_TINY, SAMPLE_TINY, LDMConfig, SampleConfig
@@ -44,6 +44,7 @@ class PipelineConfig:
 
     profile: str = "paper"
     seed: int = 0
+    phantom: PhantomConfig = dataclasses.field(default_factory=PhantomConfig)
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     vqgan: VQGANConfig = dataclasses.field(default_factory=VQGANConfig)
     ldm: LDMConfig = dataclasses.field(default_factory=LDMConfig)
@@ -53,6 +54,7 @@ class PipelineConfig:
 
 
 _TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "phantom": PHANTOM_TINY,
     "preprocess": PREPROCESS_TINY,
     "vqgan": VQGAN_TINY,
     "ldm": LDM_TINY,

@@ -25,27 +25,33 @@ def phantom(
     out_dir: Annotated[
         Path, typer.Argument(help="New folder for images/, labels/ and phantoms.json.")
     ],
-    n: Annotated[int, typer.Option("-n", "--cases", help="Number of cases to generate.")] = 24,
+    n: Annotated[
+        int | None, typer.Option("-n", "--cases", help="Number of cases (phantom.cases: 24).")
+    ] = None,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed: the same seed gives identical files.")
-    ] = 0,
+        int | None, typer.Option("--seed", help="Seed: the same seed gives identical files.")
+    ] = None,
     size: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--size",
-            help="In-plane voxels (512 like the paper; 64 for quick CPU runs). The field of view "
-            "stays ~300-460 mm, so spacing grows as size shrinks.",
+            help="In-plane voxels (phantom.size: 512 like the paper, 128 in the tiny profile). "
+            "The field of view stays ~300-460 mm, so spacing grows as size shrinks.",
         ),
-    ] = 512,
+    ] = None,
     unlabeled: Annotated[
-        int, typer.Option("--unlabeled", help="Leave the last K cases without a label file.")
-    ] = 0,
+        int | None,
+        typer.Option("--unlabeled", help="Leave the last K cases without a label file."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace phantoms already in OUT_DIR.")
     ] = False,
     workers: Annotated[
-        int, typer.Option("--workers", "-w", help="Parallel processes (same files for any count).")
-    ] = 1,
+        int | None,
+        typer.Option("--workers", "-w", help="Parallel processes (same files for any count)."),
+    ] = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -57,22 +63,32 @@ def phantom(
 
     The output is what `bladdergen preprocess` reads.
     """
+    from bladdergen.config import load_config, write_config
     from bladdergen.data.phantom import generate_phantoms
 
+    overrides = {
+        "seed": seed,
+        "phantom.cases": n,
+        "phantom.size": size,
+        "phantom.unlabeled": unlabeled,
+        "phantom.workers": workers,
+    }
+    settings = load_config(profile, config, overrides=overrides)
     reporter = RichReporter(quiet)
     try:
         result = generate_phantoms(
             out_dir,
-            n=n,
-            seed=seed,
-            size=size,
-            unlabeled=unlabeled,
+            n=settings.phantom.cases,
+            seed=settings.seed,
+            size=settings.phantom.size,
+            unlabeled=settings.phantom.unlabeled,
             overwrite=overwrite,
-            workers=workers,
+            workers=settings.phantom.workers,
             reporter=reporter,
         )
     finally:
         reporter.stop()
+    write_config(settings, out_dir)
     emit_result(result, as_json, quiet, "phantoms written")
 
 

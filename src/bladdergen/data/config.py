@@ -9,6 +9,34 @@ from bladdergen.errors import ConfigError
 
 
 @dataclasses.dataclass
+class PhantomConfig:
+    """What ``bladdergen phantom`` generates (the run's ``seed`` picks the cases).
+
+    ``cases``: number of phantoms; ``size``: in-plane voxels (the field of view stays ~300-460 mm,
+    so spacing grows as size shrinks); ``unlabeled``: the last K cases get no label file;
+    ``workers``: processes (the files do not depend on it).
+    """
+
+    cases: int = 24
+    size: int = 512
+    unlabeled: int = 0
+    workers: int = 1
+
+    def validate(self) -> None:
+        for key, low in (("cases", 1), ("size", 16), ("unlabeled", 0), ("workers", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"phantom.{key}: got {getattr(self, key)}, expected >= {low}")
+        if self.unlabeled > self.cases:
+            raise ConfigError(
+                f"phantom.unlabeled: got {self.unlabeled}, expected at most phantom.cases "
+                f"({self.cases})"
+            )
+
+
+PHANTOM_TINY = {"size": 128}
+
+
+@dataclasses.dataclass
 class PreprocessConfig:
     """How a folder of CT scans becomes a normalised training set.
 
