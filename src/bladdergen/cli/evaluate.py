@@ -73,7 +73,7 @@ def seg(
     --pred sets get paired differences against the first with a seeded bootstrap CI. Label values
     0/128/255 and 0/1/2 are both accepted and reported. Writes OUT/seg_cases.csv, OUT/seg_summary.json and OUT/seg_report.md.
     """
-    from bladdergen.config import load_config
+    from bladdergen.config import load_config, write_config
     from bladdergen.evaluate.seg import evaluate_segmentation
 
     settings = load_config(profile, config, overrides={"seed": seed})
@@ -84,6 +84,7 @@ def seg(
         )
     finally:
         reporter.stop()
+    write_config(settings, out)
     emit_result(result, as_json, quiet, "segmentation evaluated")
 
 
@@ -120,7 +121,7 @@ def gen(
     diversity: MS-SSIM within each set and each synthetic volume's nearest real (near-copies).
     Writes OUT/gen_report.md with PNG montages and plots, OUT/gen_summary.json, OUT/gen_volumes.csv.
     """
-    from bladdergen.config import load_config
+    from bladdergen.config import load_config, write_config
     from bladdergen.evaluate.anatomy import load_segmenter
     from bladdergen.evaluate.gen import evaluate_generation
 
@@ -141,6 +142,7 @@ def gen(
         )
     finally:
         reporter.stop()
+    write_config(settings, out)
     emit_result(result, as_json, quiet, "generated volumes evaluated")
 
 
