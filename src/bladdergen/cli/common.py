@@ -53,6 +53,13 @@ DeviceOption = Annotated[
     typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's device)."),
 ]
 
+RunSeedOption = Annotated[
+    int | None, typer.Option("--seed", help="Seed of the whole run (config `seed`).")
+]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")
+]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

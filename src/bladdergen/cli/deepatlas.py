@@ -14,7 +14,9 @@ from bladdergen.cli.common import (
     JsonOption,
     ProfileOption,
     QuietOption,
+    ResumeOption,
     RichReporter,
+    RunSeedOption,
     emit_result,
     handle_errors,
 )
@@ -58,10 +60,8 @@ def train_deepatlas_command(
             "--max-steps", help="Total optimiser steps of both networks (schedule length)."
         ),
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (config `seed`).")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")
-    ] = False,
+    seed: RunSeedOption = None,
+    resume: ResumeOption = False,
     device: DeviceOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,

@@ -14,7 +14,9 @@ from bladdergen.cli.common import (
     JsonOption,
     ProfileOption,
     QuietOption,
+    ResumeOption,
     RichReporter,
+    RunSeedOption,
     emit_result,
     handle_errors,
 )
@@ -37,10 +39,8 @@ def train_vqgan_command(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Volumes per micro-batch (per process).")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the whole run.")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")
-    ] = False,
+    seed: RunSeedOption = None,
+    resume: ResumeOption = False,
     device: DeviceOption = None,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
