@@ -277,7 +277,7 @@ def _train_vqgan(paths: DemoPaths, config: PipelineConfig, reporter: Reporter):
     from bladdergen.vqgan.train import train_vqgan
 
     resume = _resuming(paths.vqgan)
-    return _brief(train_vqgan(paths.train, paths.vqgan, config, resume=resume, reporter=reporter))
+    return _brief(train_vqgan(config, paths.train, paths.vqgan, resume=resume, reporter=reporter))
 
 
 def _train_ldm(paths: DemoPaths, config: PipelineConfig, reporter: Reporter):

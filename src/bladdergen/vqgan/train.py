@@ -158,9 +158,9 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_vqgan(
+    config: PipelineConfig,
     data_dir: Path,
     run_dir: Path,
-    config: PipelineConfig,
     resume: bool = False,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
