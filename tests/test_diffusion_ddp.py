@@ -42,7 +42,7 @@ def test_two_process_training_and_sampling_match_single_process_files(tiny_datas
     tests_dir = str(Path(__file__).parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", "29561", str(script), tests_dir]
+    command += ["--standalone", str(script), tests_dir]  # standalone: a free port each run
     command += [str(tiny_dataset), str(vqgan), str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -159,7 +159,12 @@ def handle_errors(command: F) -> F:
 
 
 def emit_result(result: dict[str, Any], as_json: bool, quiet: bool, title: str) -> None:
-    """Print a command's result: JSON on stdout for pipelines, else a short human summary."""
+    """Print a command's result: JSON on stdout for pipelines, else a short human summary.
+
+    Under torchrun only rank 0 prints, so a script still reads exactly one JSON line.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         sys.stdout.flush()

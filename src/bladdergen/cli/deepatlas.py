@@ -72,6 +72,7 @@ def train_deepatlas_command(
     labels, unlabeled scans and synthetic volumes (or the supervised-only baseline)."""
     from bladdergen.config import load_config
     from bladdergen.deepatlas.train import train_deepatlas
+    from bladdergen.runtime import stop_runtime
 
     overrides = {"seed": seed, "deepatlas.max_steps": max_steps, "deepatlas.device": device}
     resolved = load_config(profile, config, overrides)
@@ -89,6 +90,7 @@ def train_deepatlas_command(
         )
     finally:
         reporter.stop()
+        stop_runtime()
     emit_result(result, json_output, quiet, "train-deepatlas finished")
 
 

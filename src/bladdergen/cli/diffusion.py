@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,11 +20,6 @@ from bladdergen.cli.common import (
     emit_result,
     handle_errors,
 )
-
-
-def _is_main_process() -> bool:
-    """Under torchrun only rank 0 prints the result (one JSON line for scripts)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @app.command("train-ldm")
@@ -82,8 +76,7 @@ def train_ldm_command(
     finally:
         reporter.stop()
         stop_runtime()
-    if _is_main_process():
-        emit_result(result, json_output, quiet, "train-ldm finished")
+    emit_result(result, json_output, quiet, "train-ldm finished")
 
 
 @app.command("sample")
@@ -157,5 +150,4 @@ def sample_command(
     finally:
         reporter.stop()
         stop_runtime()
-    if _is_main_process():
-        emit_result(result, json_output, quiet, "sample finished")
+    emit_result(result, json_output, quiet, "sample finished")

@@ -195,16 +195,14 @@ def run_demo(
         "segment": lambda: _segment(paths, config, reporter),
         "evaluate": lambda: _evaluate(paths, config, reporter),
     }
-    results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for stage in STAGES:
         if stage in STAGES[:first]:
-            results[stage] = json.loads(paths.stamp(stage).read_text())["result"]
             seconds[stage] = 0.0
             continue
         reporter.notice(f"demo stage: {stage}")
         start = time.perf_counter()
-        results[stage] = runners[stage]()
+        result = runners[stage]()
         seconds[stage] = round(time.perf_counter() - start, 1)
         atomic_write_json(
             paths.stamp(stage),
@@ -212,11 +210,11 @@ def run_demo(
                 "stage": stage,
                 "fingerprint": fingerprints[stage],
                 "seconds": seconds[stage],
-                "result": results[stage],
+                "result": result,
             },
         )
-    summary = _summary(paths, results, seconds, first)
-    atomic_write_text(paths.root / "report.md", _report(paths, summary, results))
+    summary = _summary(paths, seconds, first)
+    atomic_write_text(paths.root / "report.md", _report(paths, summary))
     atomic_write_json(paths.root / "demo.json", summary)
     return summary
 
@@ -370,7 +368,7 @@ def _brief(result: Any) -> Any:
     return json.loads(json.dumps(result, default=str))
 
 
-def _summary(paths: DemoPaths, results: dict[str, Any], seconds: dict[str, float], first: int):
+def _summary(paths: DemoPaths, seconds: dict[str, float], first: int) -> dict[str, Any]:
     return {
         "run_dir": str(paths.root),
         "skipped_stages": list(STAGES[:first]),
@@ -382,7 +380,7 @@ def _summary(paths: DemoPaths, results: dict[str, Any], seconds: dict[str, float
     }
 
 
-def _report(paths: DemoPaths, summary: dict[str, Any], results: dict[str, Any]) -> str:
+def _report(paths: DemoPaths, summary: dict[str, Any]) -> str:
     lines = [
         "# bladdergen demo",
         "",
