@@ -219,3 +219,10 @@ def test_preprocessed_real_set_is_mapped_back_to_hu_with_its_window(tmp_path):
     # background voxels clipped at -1 in [-1, 1] are the window floor in HU
     assert volumes[0].hu.min() == pytest.approx(WINDOW[0])
     assert volumes[0].hu.max() <= WINDOW[1]
+
+
+def test_tumor_checks_are_not_applicable_when_no_tumor_is_predicted():
+    m = measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))
+    checks = plausibility(m, real_ranges([m], 0.2))
+    assert (checks["tumor_on_wall"], checks["tumor_in_bladder"]) == (None, None)
+    assert checks["plausible"]  # decided by the checks that apply
