@@ -276,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = args.out / "runs" / f"n{n}_s{seed}_{arm}"
                 t0 = time.perf_counter()
                 summary = train_deepatlas(
-                    config,
+                    config.deepatlas,
                     data,
                     run_dir,
+                    seed=seed,
                     synthetic_dir=args.synthetic if arm == "deepatlas+synthetic" else None,
                     supervised_only=arm == "supervised",
                 )

@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 
 from bladdergen.errors import InputError
+
+if TYPE_CHECKING:
+    from bladdergen.data.config import PreprocessConfig
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-preprocessed"
@@ -93,6 +96,27 @@ class PreprocessedSet:
     @property
     def unlabeled_cases(self) -> list[CaseRecord]:
         return [c for c in self.cases if not c.labeled]
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The preprocess settings recorded in the manifest: what any later volume (an unlabeled
+        pool, a scan to segment) must go through to match this set. InputError if absent."""
+        from bladdergen.data.config import PreprocessConfig
+        from bladdergen.settings import from_mapping
+
+        settings = self.manifest.get("settings")
+        where = f"{self.root / MANIFEST_NAME}: settings"
+        if not isinstance(settings, dict):
+            raise InputError(
+                f"{self.root / MANIFEST_NAME}: no preprocess settings recorded (key 'settings'); "
+                "expected a set written by `bladdergen preprocess`"
+            )
+        settings = dict(settings)
+        if isinstance(settings.get("label_map"), dict):  # JSON keys are strings
+            try:
+                settings["label_map"] = {int(k): v for k, v in settings["label_map"].items()}
+            except ValueError:
+                raise InputError(f"{where}.label_map: keys must be label values") from None
+        return from_mapping(PreprocessConfig, settings, where)
 
     def case(self, case_id: str) -> CaseRecord:
         for record in self.cases:

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from bladdergen import checkpoint as ckpt
-from bladdergen.config import from_mapping
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.networks import SegmentationNet, expand_state_dict
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_json
 from bladdergen.progress import SILENT, Reporter
+from bladdergen.settings import from_mapping
 
 KIND = "deepatlas"
 
@@ -143,11 +143,11 @@ def segment_paths(
     Raises InputError for unreadable inputs or an existing output without ``overwrite``,
     CheckpointError for a bad model.
     """
-    from bladdergen.config import from_mapping as config_from_mapping
     from bladdergen.data.config import PreprocessConfig
     from bladdergen.data.preprocess import classes_to_label_values, prepare_image, restore_label
     from bladdergen.data.volumes import read_volume, strip_volume_suffix, write_nifti
     from bladdergen.runtime import resolve_device
+    from bladdergen.settings import from_mapping as config_from_mapping
 
     torch_device = resolve_device(device)
     net, metadata = load_segmentation_model(model, torch_device)

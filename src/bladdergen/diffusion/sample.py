@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from bladdergen.checkpoint import load_state_dict_strict, load_weights, resolve_weights
-from bladdergen.config import PipelineConfig, from_mapping, write_config
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.data.volumes import write_nifti
 from bladdergen.diffusion.config import LDMConfig
@@ -38,10 +37,14 @@ from bladdergen.errors import CheckpointError, ConfigError, InputError
 from bladdergen.fileio import atomic_write_json, sha256_file
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, start_runtime
+from bladdergen.settings import from_mapping, to_mapping, write_yaml
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
+
+if TYPE_CHECKING:
+    from bladdergen.config import PipelineConfig
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -199,7 +202,7 @@ def sample_volumes(
 
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, out_dir)
+        write_yaml(to_mapping(config), out_dir / "config.yaml")
         # written first too, so an interrupted folder still records its settings
         write_manifest(_complete_samples(out_dir, n, settings))
     barrier()
