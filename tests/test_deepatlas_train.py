@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from bladdergen.checkpoint import read_metadata
 from bladdergen.config import load_config
 from bladdergen.deepatlas.pairs import segmentation_updates
-from bladdergen.deepatlas.train import train_deepatlas
-from bladdergen.errors import CheckpointError, InputError
+from bladdergen.deepatlas.train import registration_beats_identity, train_deepatlas
+from bladdergen.errors import CheckpointError, ConfigError, InputError
 from bladdergen.progress import Reporter, Task
 
 # Tiny networks and a short schedule: reg pretrain 2, seg pretrain 2, cycles of 2 reg + 2 seg.
@@ -202,3 +202,17 @@ def test_validation_scores_a_perfect_segmentation_as_dice_one(tiny_dataset):
     images = _Images([PoolImage("case_001", "validation", case.image_path, case.label_path)], [], 2)
     scores = validate(Oracle(), None, images, images, Warper(), start_runtime("cpu"))
     assert scores["dice_wall"] == 1.0 and scores["dice_tumor"] == 1.0
+
+
+def test_max_steps_shorter_than_pretraining_stops_and_says_what_would_fit(tiny_dataset, tmp_path):
+    config = tiny_config(**{"deepatlas.max_steps": 3})  # pre-training is 2 + 2 steps
+    with pytest.raises(ConfigError, match=r"--max-steps >= 4 \(8 for one alternating cycle\)"):
+        train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "run")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_anatomy_gate_opens_only_when_registration_beats_the_identity_by_the_margin():
+    cfg = tiny_config(**{"deepatlas.anatomy_gate_margin": 0.05}).deepatlas
+    assert not registration_beats_identity({"registration_dice": 0.14, "identity_dice": 0.1}, cfg)
+    assert registration_beats_identity({"registration_dice": 0.16, "identity_dice": 0.1}, cfg)
+    assert not registration_beats_identity({"registration_dice": None, "identity_dice": 0.1}, cfg)
