@@ -74,9 +74,9 @@ def test_training_writes_checkpoints_logs_and_validation(tiny_dataset, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     phases = [r["phase"] for r in records if r["phase"] not in ("validation", "synthetic_filter")]
     assert phases == ["reg_pretrain"] * 2 + ["seg_pretrain"] * 2 + ["reg"] * 2 + ["seg"] * 2
-    # the synthetic plausibility filter runs once, when pre-training ends (no synthetic here)
+    # the synthetic plausibility filter runs once, at the first alternating step (no synthetic)
     assert [(r["step"], r["synthetic"]) for r in records if r["phase"] == "synthetic_filter"] == [
-        (4, 0)
+        (5, 0)
     ]
     validation = [r for r in records if r["phase"] == "validation"]
     # not at step 2: the segmentation net is still untrained after registration pre-training

@@ -245,7 +245,9 @@ def train_deepatlas(
         if kept_unlabeled is None and phase in (REG, SEG):  # pre-training just ended
             kept_unlabeled, record = filter_synthetic(images, seg_net, cfg, spacing, runtime)
             images = images.with_unlabeled(kept_unlabeled)
-            run.log(step, record)
+            # logged as part of this step (1-based), so a resume from the checkpoint before it
+            # truncates it and logs it once again, never twice
+            run.log(step + 1, record)
         if phase in (REG_PRETRAIN, REG):
             terms = _registration_step(
                 phase, rng, images, seg_ddp, reg_ddp, reg_opt, losses, warper, cfg, runtime
