@@ -25,7 +25,7 @@ from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.latents import LatentScaler, cached_latents
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.unet import build_denoiser
-from bladdergen.engine.run import RunFolder, no_sync
+from bladdergen.engine.run import RunFolder, RunKind, no_sync
 from bladdergen.errors import InputError
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import (
@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 LATENTS_DIR = "latents"
 # Settings that may change between a run and its resume (they do not change what is learned).
 RESUMABLE_CHANGES = {"max_steps", "device", "log_every", "checkpoint_every", "latent_cache_dir"}
+RUN_KIND = RunKind(KIND, RESUMABLE_CHANGES, entries={LATENTS_DIR})
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -108,17 +109,9 @@ def train_ldm(
             f"{data_dir}: HU window {list(dataset.window)} differs from the VQ-GAN's "
             f"{vq_meta.get('window')} ({vq_meta['path']}); train both on the same preprocessed set"
         )
+    facts = {"the frozen VQ-GAN (weights sha256)": vqgan_hash}
     run = RunFolder.open(
-        run_dir,
-        kind=KIND,
-        settings=cfg,
-        seed=seed,
-        resume=resume,
-        resumable=RESUMABLE_CHANGES,
-        runtime=runtime,
-        reporter=reporter,
-        stage_entries={LATENTS_DIR},
-        facts={"the frozen VQ-GAN (weights sha256)": vqgan_hash},
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
     )
 
     scaler = LatentScaler(*vqgan.codebook_range())

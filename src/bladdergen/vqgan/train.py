@@ -17,7 +17,7 @@ import torch
 
 from bladdergen.checkpoint import WEIGHTS_NAME
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.engine.run import RunFolder, no_sync, unwrap
+from bladdergen.engine.run import RunFolder, RunKind, no_sync, unwrap
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_with
 from bladdergen.progress import SILENT, Reporter
@@ -37,6 +37,7 @@ KIND = "vqgan"
 IMAGES_DIR = "images"
 # Settings that may change between a run and its resume (they do not change what is learned).
 RESUMABLE_CHANGES = {"max_steps", "device", "log_every", "checkpoint_every", "image_every"}
+RUN_KIND = RunKind(KIND, RESUMABLE_CHANGES, entries={IMAGES_DIR})
 
 
 def load_volumes(data_dir: Path) -> tuple[torch.Tensor, PreprocessedSet]:
@@ -134,15 +135,7 @@ def train_vqgan(
     volumes, dataset = load_volumes(Path(data_dir))
     volume_shape = tuple(volumes.shape[2:])
     run = RunFolder.open(
-        run_dir,
-        kind=KIND,
-        settings=cfg,
-        seed=seed,
-        resume=resume,
-        resumable=RESUMABLE_CHANGES,
-        runtime=runtime,
-        reporter=reporter,
-        stage_entries={IMAGES_DIR},
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter
     )
 
     seed_everything(seed + runtime.rank)
