@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,6 +96,17 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so the next stage's RSS
+    baseline does not include memory that an earlier stage freed but the allocator kept."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the proxy is then rougher for later stages
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False if not possible."""
     try:
@@ -119,6 +131,8 @@ class MemoryProbe:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            gc.collect()
+            _release_freed_memory()
             self.baseline_kib = _proc_status_kib("VmRSS") or 0
 
     def warmed_up(self) -> None:
@@ -364,7 +378,9 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
             "dtype": ctx.dtype,
             "activation_checkpointing": cfg.activation_checkpointing,
             "discriminators": "2D slice + 3D volume, on (step >= disc_start)",
-            "perceptual": "on" if perceptual is not None else "off (vqgan.perceptual_weights unset)",
+            "perceptual": "on"
+            if perceptual is not None
+            else "off (vqgan.perceptual_weights unset)",
             "params_m": {
                 "autoencoder": _params_m(model),
                 "discriminators": _params_m(disc2d, disc3d),
@@ -593,7 +609,11 @@ def _sampling_parts(ctx: Context):
     denoiser = build_denoiser(latent_shape[0], config.ldm)
     schedule = NoiseSchedule.create(config.ldm.schedule, config.ldm.timesteps)
     sampler = make_sampler(
-        config.sample.sampler, schedule, config.sample.steps, config.sample.clip_x0, config.sample.eta
+        config.sample.sampler,
+        schedule,
+        config.sample.steps,
+        config.sample.clip_x0,
+        config.sample.eta,
     )
     scaler = LatentScaler(*vqgan.codebook_range())
     return vqgan.eval(), denoiser.eval(), sampler, scaler, latent_shape
@@ -623,7 +643,9 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
         nonlocal first
         indices = list(range(first, first + batch))
         first += batch
-        generators = [torch.Generator().manual_seed(sample_seed(ctx.config.seed, i)) for i in indices]
+        generators = [
+            torch.Generator().manual_seed(sample_seed(ctx.config.seed, i)) for i in indices
+        ]
         started = time.perf_counter()
         x_T = per_sample_noise(latent_shape, generators, device)
         z = scaler.from_unit(sampler.sample(denoise, x_T, generators))
@@ -678,9 +700,7 @@ def _save_sampling_checkpoints(ctx: Context, root: Path) -> tuple[Path, Path]:
     vq_dir, ldm_dir = root / "vqgan", root / "ldm"
     vq_dir.mkdir(parents=True, exist_ok=True)
     ldm_dir.mkdir(parents=True, exist_ok=True)
-    vq_meta = save_vqgan(
-        vq_dir / WEIGHTS_NAME, vqgan, 0, window, ctx.volume_shape, code_usage=0.0
-    )
+    vq_meta = save_vqgan(vq_dir / WEIGHTS_NAME, vqgan, 0, window, ctx.volume_shape, code_usage=0.0)
     spacing = 400.0 / ctx.volume_shape[0]
     metadata = {
         "kind": LDM_KIND,
@@ -919,7 +939,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_cell(stage.get('step_s_median'), '{:.4f}')} | {_cell(stage.get('steps_timed'))} | "
             f"{_cell(stage.get('wall_s'), '{:.1f}')} |"
         )
-    lines += ["", "| sampling | s / volume | volumes | extrapolated s | measured s |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| sampling | s / volume | volumes | extrapolated s | measured s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in ("sample_ddim", "sample_command"):
         stage = report["stages"].get(name, {})
         if stage.get("status") != "ok":
@@ -998,6 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
     from bladdergen.runtime import resolve_device
 
     args = parse_args(argv)
+    # MONAI announces its grid_sample fallback on every Warp: noise in an unattended log
+    warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp")
     started_wall = time.perf_counter()
     deadline = time.monotonic() + args.time_budget
     device = resolve_device(args.device)
@@ -1011,7 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "command": " ".join(["python bench/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python bench/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "complete": False,
         "wall_s": 0.0,
