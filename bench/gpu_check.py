@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -226,10 +227,13 @@ def timed_steps(ctx: Context, step: Callable[[], Any], steps: int) -> dict[str, 
     }
 
 
-def _finite(values: dict[str, float]) -> dict[str, float]:
-    """Loss values rounded; raises if one is not finite (a step that silently broke)."""
+def _finite(values: dict[str, Any]) -> dict[str, float]:
+    """Numeric loss terms rounded (flags and text dropped); raises if one is not finite (a step
+    that silently broke)."""
     out = {}
     for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            continue
         value = float(value)
         if not math.isfinite(value):
             raise FloatingPointError(f"{name} is {value}")
@@ -274,8 +278,18 @@ class MemoryImages:
     def __init__(self, images: np.ndarray, labels: np.ndarray, n_labeled: int) -> None:
         self.arrays = images
         self.label_arrays = labels
-        self.items = list(range(len(images)))
+        # what the trainer's pool entries carry (PoolImage): an id and where the image came from
+        self.items = [
+            types.SimpleNamespace(
+                case_id=f"case_{i:03d}", source="labeled" if i < n_labeled else "unlabeled"
+            )
+            for i in range(len(images))
+        ]
         self.n_labeled = n_labeled
+
+    def tumor_cases(self) -> list[int]:
+        """Labeled indices whose label holds tumor voxels (class 2)."""
+        return [i for i in range(self.n_labeled) if (self.label_arrays[i] == 2).any()]
 
     def images(self, indices: list[int], device: torch.device) -> torch.Tensor:
         """(B, 1, X, Y, Z) float32 images in [-1, 1]."""
@@ -623,9 +637,12 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
     """The ``sample`` loop (noise -> sampler -> codes -> decode -> HU) on batches, no file I/O."""
     from bladdergen.data.intensity import unit_to_hu
     from bladdergen.diffusion.sample import sample_seed
-    from bladdergen.diffusion.samplers import per_sample_noise
+    from bladdergen.diffusion.samplers import make_sampler, per_sample_noise
 
     vqgan, denoiser, sampler, scaler, latent_shape = _sampling_parts(ctx)
+    warm_sampler = make_sampler(
+        ctx.config.sample.sampler, sampler.schedule, 1, sampler.clip_x0, ctx.config.sample.eta
+    )
     device = ctx.device
     vqgan.to(device)
     denoiser.to(device)
@@ -633,6 +650,7 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
     batch = ctx.config.sample.batch_size
     split = {"denoise_s": [], "decode_s": []}
     first = 0
+    warmed = False
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(device):
@@ -640,7 +658,7 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
 
     @torch.no_grad()
     def one_batch() -> int:
-        nonlocal first
+        nonlocal first, warmed
         indices = list(range(first, first + batch))
         first += batch
         generators = [
@@ -648,7 +666,9 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
         ]
         started = time.perf_counter()
         x_T = per_sample_noise(latent_shape, generators, device)
-        z = scaler.from_unit(sampler.sample(denoise, x_T, generators))
+        # the warm-up batch takes one sampler step: every kernel runs once, 49 steps cheaper
+        z = scaler.from_unit((sampler if warmed else warm_sampler).sample(denoise, x_T, generators))
+        warmed = True
         ctx.sync()
         middle = time.perf_counter()
         z_q, _ = vqgan.quantize(z)
@@ -684,6 +704,7 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
             "sampler": f"{ctx.config.sample.sampler}-{len(sampler.timesteps)}",
             "dtype": ctx.dtype + " denoiser, float32 decode (as sample_volumes)",
             "includes": "noise, sampler, nearest codes, decode, HU; no file writing",
+            "warmup": "one batch with a 1-step sampler",
         },
     }
 
@@ -730,12 +751,12 @@ def stage_sample_command(ctx: Context) -> dict[str, Any]:
     batch = ctx.config.sample.batch_size
     calls = 0
 
-    def run(n: int) -> tuple[dict[str, Any], float]:
+    def run(n: int, config: PipelineConfig = ctx.config) -> tuple[dict[str, Any], float]:
         nonlocal calls
         calls += 1
         out = root / f"out_{calls}"  # a fresh folder: existing samples would be skipped
         started = time.perf_counter()
-        summary = sample_volumes(ctx.config, ldm_dir, out, n, vq_dir, runtime=ctx.runtime)
+        summary = sample_volumes(config, ldm_dir, out, n, vq_dir, runtime=ctx.runtime)
         ctx.sync()
         wall = time.perf_counter() - started
         if summary["complete"] != n:
@@ -744,7 +765,10 @@ def stage_sample_command(ctx: Context) -> dict[str, Any]:
         return summary, wall
 
     started = time.perf_counter()
-    run(1)  # warm-up: model loading and first kernels
+    # warm-up: one volume with one sampler step runs every part once (loading, denoiser, codes,
+    # decoder, NIfTI and PNG writing) for a fraction of a full sampling
+    warm = dataclasses.replace(ctx.config.sample, steps=1)
+    run(1, dataclasses.replace(ctx.config, sample=warm))
     ctx.sync()
     warmup = time.perf_counter() - started
     ctx.probe.warmed_up()
