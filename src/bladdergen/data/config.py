@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from bladdergen.data.dataset import DATASET_LABEL_MAP
 from bladdergen.errors import ConfigError
 
 
@@ -60,7 +61,7 @@ class PreprocessConfig:
     depth_policy: Literal["paper", "resample", "crop"] = "paper"
     window: tuple[float, float] = (-200.0, 300.0)
     orientation: Literal["RAS", "LPS"] = "RAS"
-    label_map: dict[int, int] = dataclasses.field(default_factory=lambda: {0: 0, 255: 1, 128: 2})
+    label_map: dict[int, int] = dataclasses.field(default_factory=lambda: dict(DATASET_LABEL_MAP))
     image_dtype: Literal["float32", "float16"] = "float32"
     workers: int = 1
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bladdergen.data.config import PreprocessConfig
-from bladdergen.data.dataset import CLASS_NAMES, MANIFEST_FORMAT, MANIFEST_NAME
+from bladdergen.data.dataset import CLASS_NAMES, MANIFEST_FORMAT, MANIFEST_NAME, PreprocessedSet
 from bladdergen.data.inputs import (
     CaseProblem,
     InputCase,
@@ -315,21 +315,11 @@ def _fingerprint(
 
 
 def _existing_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / MANIFEST_NAME
-    if not path.is_file():
-        return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        return None
-    # Only a complete set counts: every listed file must still be there.
-    for case in manifest.get("cases", []):
-        for key in ("image", "label"):
-            if case.get(key) and not (out_dir / case[key]).is_file():
-                return None
-    return manifest
+        dataset = PreprocessedSet.open(out_dir, check_voxels=False)
+    except InputError:
+        return None  # not a complete, intact set: it does not count as done
+    return dataset.manifest
 
 
 def _commit(staging: Path, out_dir: Path) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from bladdergen import checkpoint as ckpt
 from bladdergen.config import from_mapping
+from bladdergen.data.dataset import CLASS_NAMES
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.networks import SegmentationNet, expand_state_dict
 from bladdergen.errors import InputError
@@ -25,6 +26,15 @@ from bladdergen.fileio import atomic_write_json
 from bladdergen.progress import SILENT, Reporter
 
 KIND = "deepatlas"
+# What segmenting reads from a ``train-deepatlas`` checkpoint's metadata.
+SEGMENTER_METADATA = {
+    "config.deepatlas": dict,
+    "preprocess": dict,
+    "preprocess.label_map": dict,
+    "label_map": dict,
+    "window": list,
+    "train_shape": list,
+}
 
 
 def load_segmentation_model(
@@ -39,6 +49,7 @@ def load_segmentation_model(
     """
     path = ckpt.resolve_weights(Path(path_or_run_dir), prefer_best=prefer_best)
     tensors, metadata = ckpt.load_weights(path, expected_kind=KIND, device="cpu")
+    ckpt.require_metadata(metadata, path, SEGMENTER_METADATA)
     config = from_mapping(DeepAtlasConfig, metadata["config"]["deepatlas"], f"{path} metadata")
     net = SegmentationNet.from_config(config)
     weights = {k[len("seg_net.") :]: v for k, v in tensors.items() if k.startswith("seg_net.")}
@@ -175,10 +186,7 @@ def segment_paths(
             restored = restore_label(classes, prepared.record)
             values = classes_to_label_values(restored, label_map) if label_values else restored
             write_nifti(out, values, volume.affine, np.uint8)
-            counts = {
-                name: int((restored == i).sum())
-                for i, name in enumerate(("background", "wall", "tumor"))
-            }
+            counts = {name: int((restored == i).sum()) for i, name in enumerate(CLASS_NAMES)}
             cases.append({"input": str(path), "output": str(out), "voxels": counts})
             task.advance(1)
     summary = {

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bladdergen.checkpoint import load_state_dict_strict, load_weights, resolve_weights
+from bladdergen.checkpoint import (
+    load_state_dict_strict,
+    load_weights,
+    require_metadata,
+    resolve_weights,
+)
 from bladdergen.config import PipelineConfig, from_mapping, write_config
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.data.volumes import write_nifti
@@ -42,6 +47,16 @@ from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, star
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
+# What sampling reads from a ``train-ldm`` checkpoint's metadata.
+LDM_METADATA = {
+    "config.ldm": dict,
+    "latent_shape": list,
+    "scaler": dict,
+    "window": list,
+    "affine": list,
+    "vqgan_path": str,
+    "vqgan_hash": str,
+}
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -58,6 +73,7 @@ def load_ldm(path: Path, device: torch.device) -> tuple[PseudoUNet3D, dict[str, 
     """An LDM run folder or checkpoint -> (EMA denoiser in eval mode, metadata, weights file)."""
     weights_path = resolve_weights(Path(path))
     tensors, metadata = load_weights(weights_path, expected_kind=KIND, device="cpu")
+    require_metadata(metadata, weights_path, LDM_METADATA)
     try:
         ldm_config = from_mapping(LDMConfig, metadata["config"]["ldm"], f"{weights_path}: ldm")
     except (KeyError, TypeError, ConfigError) as error:

@@ -18,6 +18,7 @@ import torch
 from bladdergen.checkpoint import (
     load_state_dict_strict,
     load_weights,
+    require_metadata,
     resolve_weights,
     save_weights,
 )
@@ -28,6 +29,16 @@ from bladdergen.vqgan.model import VQGAN
 
 KIND = "vqgan"
 FORMAT_VERSION = 1
+# What later stages read from a VQ-GAN checkpoint's metadata.
+REQUIRED_METADATA = {
+    "config": dict,
+    "window": list,
+    "volume_shape": list,
+    "latent_shape": list,
+    "codebook_min": (int, float),
+    "codebook_max": (int, float),
+    "weights_sha256": str,
+}
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -85,8 +96,7 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     """
     path = resolve_weights(Path(path_or_run_dir))
     tensors, metadata = load_weights(path, expected_kind=KIND, device="cpu")
-    if not isinstance(metadata.get("config"), dict):
-        raise CheckpointError(f"{path}: VQ-GAN checkpoint metadata has no config")
+    require_metadata(metadata, path, REQUIRED_METADATA)
     try:
         config = from_mapping(VQGANConfig, metadata["config"], where=f"{path}: config")
     except ConfigError as error:
