@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import sys
 import traceback
@@ -30,6 +29,7 @@ from rich.progress import (
 )
 
 from bladdergen.errors import InputError
+from bladdergen.fileio import json_safe
 from bladdergen.progress import Reporter, Task
 
 stderr_console = Console(stderr=True)
@@ -183,19 +183,6 @@ def _stdout_to_stderr() -> Iterator[None]:
 def result_stream() -> Any:
     """The stream a command's result goes to (the real stdout, even while it is redirected)."""
     return _result_streams[-1] if _result_streams else sys.stdout
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
-        return json_safe(value.item())
-    return value
 
 
 def emit_result(result: dict[str, Any], as_json: bool, quiet: bool, title: str) -> None:

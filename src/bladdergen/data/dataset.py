@@ -231,21 +231,29 @@ class PreprocessedSet:
         data. Raises InputError when the manifest records none (a set not written by
         ``bladdergen preprocess``) or they do not validate.
         """
-        from bladdergen.config import from_mapping
-        from bladdergen.data.config import PreprocessConfig
-
         where = self.root / MANIFEST_NAME
-        settings = self.manifest.get("settings")
-        if not isinstance(settings, dict):
-            raise InputError(
-                f"{where}: settings is {_kind(settings)}, expected the preprocess settings "
-                "object `bladdergen preprocess` records"
-            )
-        settings = dict(settings)
-        settings.pop("workers", None)
-        if isinstance(settings.get("label_map"), dict):
-            settings["label_map"] = _label_map(settings["label_map"], where)
-        return from_mapping(PreprocessConfig, settings, f"{where}: settings")
+        return preprocess_config_from_mapping(self.manifest.get("settings"), f"{where}: settings")
+
+
+def preprocess_config_from_mapping(settings: Any, where: Path | str) -> PreprocessConfig:
+    """Recorded preprocess settings (a manifest's ``settings``, a checkpoint's ``preprocess``)
+    -> a validated :class:`PreprocessConfig`; JSON's string label-map keys become integers.
+
+    Raises InputError naming ``where`` when they are missing or do not validate.
+    """
+    from bladdergen.config import from_mapping
+    from bladdergen.data.config import PreprocessConfig
+
+    if not isinstance(settings, dict):
+        raise InputError(
+            f"{where}: is {_kind(settings)}, expected the preprocess settings object that "
+            "`bladdergen preprocess` records"
+        )
+    settings = dict(settings)
+    settings.pop("workers", None)
+    if isinstance(settings.get("label_map"), dict):
+        settings["label_map"] = _label_map(settings["label_map"], where)
+    return from_mapping(PreprocessConfig, settings, str(where))
 
 
 def is_preprocessed_set(folder: Path) -> bool:

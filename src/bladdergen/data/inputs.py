@@ -152,6 +152,28 @@ def discover_cases(in_dir: Path) -> tuple[list[InputCase], list[CaseProblem]]:
     return cases, sorted(problems, key=lambda p: (p.case_id, str(p.source)))
 
 
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """Input volume -> the case name its outputs get (``segment`` writes ``<name>.nii.gz``).
+
+    The volume suffix is dropped, and nnU-Net's channel suffix too when every name ends in
+    ``_0000`` (``imagesTs/case_7_0000.nii.gz`` -> ``case_7``), so outputs pair with
+    ``labelsTs/case_7.nii.gz``. Raises InputError when two inputs would get the same name.
+    """
+    names = {p: p.name if p.is_dir() else strip_volume_suffix(p) for p in paths}
+    matches = {p: _CHANNEL.match(n) for p, n in names.items()}
+    if names and all(m is not None and m["channel"] == "0000" for m in matches.values()):
+        names = {p: m["case"] for p, m in matches.items()}
+    seen: dict[str, Path] = {}
+    for path, name in names.items():
+        if name in seen:
+            raise InputError(
+                f"{path}: gives the same output name {name!r} as {seen[name]}, expected "
+                "one input per case name"
+            )
+        seen[name] = path
+    return names
+
+
 def check_output_outside_input(in_dir: Path, out_dir: Path) -> None:
     """Refuse an output folder equal to, inside, or around the input folder (inputs stay intact)."""
     inside = Path(in_dir).resolve()

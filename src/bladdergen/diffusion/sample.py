@@ -40,13 +40,15 @@ from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.train import KIND
 from bladdergen.diffusion.unet import PseudoUNet3D, build_denoiser
 from bladdergen.errors import CheckpointError, ConfigError, InputError
-from bladdergen.fileio import atomic_write_json, sha256_file
+from bladdergen.fileio import atomic_write_json, check_output_folder, sha256_file
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, start_runtime
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
+# What sample writes into --out (anything else there is refused as unrelated).
+OWNED_OUTPUTS = ("sample_*.nii.gz", PREVIEW_DIR, MANIFEST_NAME, "config.yaml")
 # What sampling reads from a ``train-ldm`` checkpoint's metadata.
 LDM_METADATA = {
     "config.ldm": dict,
@@ -112,11 +114,13 @@ def _complete_samples(out_dir: Path, n: int, settings: dict[str, Any]) -> list[d
     return samples
 
 
-def _check_inputs(n: int, out_dir: Path) -> None:
+def _check_inputs(n: int, seed: int, out_dir: Path) -> None:
+    """Everything about the request that can be refused before a file is written."""
     if n < 1:
         raise InputError(f"-n: got {n}, expected at least 1 sample")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: --out is a file, expected a folder")
+    if seed < 0:
+        raise InputError(f"--seed: got {seed}, expected a whole number >= 0")
+    check_output_folder(out_dir, OWNED_OUTPUTS, "sample")
 
 
 def _settings(config: PipelineConfig, seed: int, checkpoint_hash: str, vqgan_hash: str) -> dict:
@@ -138,11 +142,19 @@ def _check_existing_manifest(path: Path, settings: dict[str, Any]) -> None:
         return
     try:
         existing = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(
             f"{path}: unreadable manifest; remove it or choose another --out"
         ) from None
-    old = existing.get("settings", {})
+    if not isinstance(existing, dict) or existing.get("format") != MANIFEST_FORMAT:
+        found = existing.get("format") if isinstance(existing, dict) else type(existing).__name__
+        raise InputError(
+            f"{path}: manifest of format {found!r}, expected {MANIFEST_FORMAT!r}; "
+            "choose another --out"
+        )
+    old = existing.get("settings")
+    if not isinstance(old, dict):
+        raise InputError(f"{path}: manifest has no settings object; choose another --out")
     for key, value in settings.items():
         if old.get(key) != value:
             raise InputError(
@@ -170,7 +182,7 @@ def sample_volumes(
 
     cfg = config.sample
     out_dir = Path(out_dir)
-    _check_inputs(n, out_dir)
+    _check_inputs(n, config.seed, out_dir)
     runtime = runtime or start_runtime(cfg.device)
     device = runtime.device
 

@@ -85,6 +85,17 @@ def spacing_of(image: nib.Nifti1Image) -> tuple[float, float, float]:
     return tuple(float(z) for z in image.header.get_zooms()[:3])
 
 
+# What `evaluate seg` and `evaluate gen` write into --out (they may share one folder).
+OWNED_OUTPUTS = ("seg_*", "gen_*", "*.png", "config.yaml")
+
+
+def check_evaluate_out(out_dir: Path) -> None:
+    """Refuse an --out that is a file or holds files evaluate does not write (InputError)."""
+    from bladdergen.fileio import check_output_folder
+
+    check_output_folder(Path(out_dir), OWNED_OUTPUTS, "evaluate")
+
+
 # ----------------------------------------------------------------------------------------------
 # Label folders
 
@@ -208,6 +219,10 @@ def open_hu_folder(folder: Path) -> tuple[list[tuple[str, Callable[[], HUVolume]
         def load() -> HUVolume:
             image = load_nifti(path)
             hu = read_array(image, path).astype(np.float32)
+            finite = np.isfinite(hu)
+            if not finite.all():
+                bad = int(finite.size - np.count_nonzero(finite))
+                raise InputError(f"{path}: {bad} voxels are NaN or infinite, expected finite HU")
             return HUVolume(case_id, path, hu, np.asarray(image.affine, float), spacing_of(image))
 
         return load
