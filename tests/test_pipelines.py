@@ -212,6 +212,12 @@ def test_preprocess_config_returns_the_settings_recorded_in_the_manifest(tmp_pat
     assert recorded.label_map == {0: 0, 2: 1, 9: 2}
 
 
-def test_preprocess_config_of_a_set_without_settings_is_an_input_error(tiny_dataset):
+def test_preprocess_config_of_a_set_without_settings_is_an_input_error(tmp_path):
+    from synthetic import make_preprocessed_set
+
+    data = make_preprocessed_set(tmp_path / "data", n_cases=2, n_labeled=1, shape=(8, 8, 4))
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["settings"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=r"manifest\.json: settings: is missing"):
-        PreprocessedSet.open(tiny_dataset).preprocess_config()
+        PreprocessedSet.open(data).preprocess_config()

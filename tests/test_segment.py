@@ -38,7 +38,7 @@ TINY_NETS = {
 @pytest.fixture(scope="module")
 def model_run(tiny_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("segment_model")
-    train_deepatlas(load_config("tiny", overrides=TINY_NETS), tiny_dataset, run_dir)
+    train_deepatlas(load_config("tiny", overrides=TINY_NETS).deepatlas, tiny_dataset, run_dir)
     return run_dir
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,11 +90,68 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-class RichReporter(Reporter):
-    """Progress bars and notices on stderr; silent with ``quiet`` (errors still show)."""
+class LineTask(Task):
+    """Plain progress lines for a log file (SLURM, ``nohup``, ``| tee``), where a live bar cannot
+    redraw: one line every ``every_steps`` items (a twentieth of the total) or ``every_seconds``,
+    whichever comes first, and one at the end. Each line reads
+    ``train-vqgan: 120/1200 (10%)  elapsed 0:01:03  eta 0:09:27  l1=0.081 perplexity=300``.
+    """
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        description: str,
+        total: int | None,
+        completed: int = 0,
+        every_seconds: float = 60.0,
+        stream: Any = None,
+    ) -> None:
+        self.description, self.total, self.done = description, total, completed
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_seconds = every_seconds
+        self.every_steps = max(1, math.ceil(total / 20)) if total else None
+        self.started = self.last_time = time.monotonic()
+        self.first, self.last_done = completed, completed
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self.done += n
+        now = time.monotonic()
+        by_steps = self.every_steps is not None and self.done - self.last_done >= self.every_steps
+        by_time = now - self.last_time >= self.every_seconds
+        finished = self.total is not None and self.done >= self.total
+        if by_steps or by_time or finished:
+            self._write(now, fields)
+
+    def _write(self, now: float, fields: dict[str, Any]) -> None:
+        elapsed = now - self.started
+        parts = [f"{self.description}: {self.done}"]
+        if self.total:
+            parts[0] += f"/{self.total} ({100 * self.done // self.total}%)"
+        parts.append(f"elapsed {_clock(elapsed)}")
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        if self.total and rate > 0:
+            parts.append(f"eta {_clock((self.total - self.done) / rate)}")
+        if fields:
+            parts.append(" ".join(f"{k}={_short(v)}" for k, v in fields.items()))
+        self.stream.write("  ".join(parts) + "\n")
+        self.stream.flush()
+        self.last_time, self.last_done = now, self.done
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class RichReporter(Reporter):
+    """Progress bars and notices on stderr; silent with ``quiet`` (errors still show).
+
+    When stderr is not a terminal (a log file), progress comes as plain lines (:class:`LineTask`)
+    instead of a bar that would only be drawn once, at the end.
+    """
+
+    def __init__(self, quiet: bool = False, line_seconds: float = 60.0) -> None:
         self.quiet = quiet
+        self.line_seconds = line_seconds
         self._progress: Progress | None = None
 
     def _ensure_progress(self) -> Progress:
@@ -113,6 +172,8 @@ class RichReporter(Reporter):
     def task(self, description: str, total: int | None = None, completed: int = 0) -> Task:
         if self.quiet:
             return Task()
+        if not stderr_console.is_terminal:
+            return LineTask(description, total, completed, self.line_seconds)
         progress = self._ensure_progress()
         task_id = progress.add_task(description, total=total, completed=completed, info="")
         return _RichTask(progress, task_id)

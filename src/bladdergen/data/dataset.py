@@ -241,8 +241,8 @@ def preprocess_config_from_mapping(settings: Any, where: Path | str) -> Preproce
 
     Raises InputError naming ``where`` when they are missing or do not validate.
     """
-    from bladdergen.config import from_mapping
     from bladdergen.data.config import PreprocessConfig
+    from bladdergen.settings import from_mapping
 
     if not isinstance(settings, dict):
         raise InputError(

@@ -308,7 +308,7 @@ def _problem_dict(problem: CaseProblem) -> dict[str, Any]:
 
 def _settings(config: PreprocessConfig) -> dict[str, Any]:
     """The settings that change the output (not ``workers``), JSON-able."""
-    from bladdergen.config import to_mapping
+    from bladdergen.settings import to_mapping
 
     settings = to_mapping(config)
     settings.pop("workers", None)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from bladdergen import checkpoint as ckpt
-from bladdergen.config import from_mapping
 from bladdergen.data.dataset import CLASS_NAMES
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.networks import SegmentationNet, expand_state_dict
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_json, check_inside, check_output_folder
 from bladdergen.progress import SILENT, Reporter
+from bladdergen.settings import from_mapping
 
 KIND = "deepatlas"
 SUMMARY_NAME = "segment.json"

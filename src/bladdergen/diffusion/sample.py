@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ from bladdergen.checkpoint import (
     require_metadata,
     resolve_weights,
 )
-from bladdergen.config import PipelineConfig, from_mapping, write_config
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.data.volumes import write_nifti
 from bladdergen.diffusion.config import LDMConfig
@@ -43,6 +42,7 @@ from bladdergen.errors import CheckpointError, ConfigError, InputError
 from bladdergen.fileio import atomic_write_json, check_output_folder, sha256_file
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, start_runtime
+from bladdergen.settings import from_mapping, to_mapping, write_yaml
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
@@ -59,6 +59,9 @@ LDM_METADATA = {
     "vqgan_path": str,
     "vqgan_hash": str,
 }
+
+if TYPE_CHECKING:
+    from bladdergen.config import PipelineConfig
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -227,7 +230,7 @@ def sample_volumes(
 
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, out_dir)
+        write_yaml(to_mapping(config), out_dir / "config.yaml")
         # written first too, so an interrupted folder still records its settings
         write_manifest(_complete_samples(out_dir, n, settings))
     barrier()

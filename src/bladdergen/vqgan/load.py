@@ -22,8 +22,8 @@ from bladdergen.checkpoint import (
     resolve_weights,
     save_weights,
 )
-from bladdergen.config import from_mapping, to_mapping
 from bladdergen.errors import CheckpointError, ConfigError
+from bladdergen.settings import from_mapping, to_mapping
 from bladdergen.vqgan.config import VQGANConfig
 from bladdergen.vqgan.model import VQGAN
 

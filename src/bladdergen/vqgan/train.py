@@ -8,32 +8,18 @@ so the run continues exactly (on CPU: bit-identical to an uninterrupted run).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from bladdergen.checkpoint import (
-    STATE_NAME,
-    WEIGHTS_NAME,
-    load_training_state,
-    rng_state,
-    save_training_state,
-    set_rng_state,
-)
-from bladdergen.config import PipelineConfig, config_from_yaml_file, to_mapping, write_config
+from bladdergen.checkpoint import WEIGHTS_NAME
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.errors import CheckpointError, InputError
-from bladdergen.fileio import (
-    append_jsonl,
-    atomic_write_with,
-    truncate_jsonl_after_step,
-)
+from bladdergen.engine.run import RunFolder, no_sync, unwrap
+from bladdergen.errors import InputError
+from bladdergen.fileio import atomic_write_with
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, autocast, seed_everything, start_runtime
 from bladdergen.vqgan.config import VQGANConfig
@@ -47,7 +33,7 @@ from bladdergen.vqgan.losses import (
 )
 from bladdergen.vqgan.model import VQGAN
 
-METRICS_NAME = "metrics.jsonl"
+KIND = "vqgan"
 IMAGES_DIR = "images"
 # Settings that may change between a run and its resume (they do not change what is learned).
 RESUMABLE_CHANGES = {"max_steps", "device", "log_every", "checkpoint_every", "image_every"}
@@ -101,25 +87,6 @@ def _augment(volumes: torch.Tensor, flips: torch.Tensor, enabled: bool) -> torch
     return torch.stack(out)
 
 
-def _check_resumable(run_dir: Path, config: PipelineConfig) -> None:
-    """The run folder's recorded config must match the current one (except RESUMABLE_CHANGES)."""
-    recorded_path = run_dir / "config.yaml"
-    if not recorded_path.is_file():
-        raise CheckpointError(f"{recorded_path}: missing; cannot check the run before resuming")
-    recorded = config_from_yaml_file(recorded_path)
-    if recorded.seed != config.seed:
-        raise CheckpointError(
-            f"{recorded_path}: run used seed {recorded.seed}, current config has {config.seed}"
-        )
-    old, new = to_mapping(recorded.vqgan), to_mapping(config.vqgan)
-    for key in old:
-        if key not in RESUMABLE_CHANGES and old[key] != new[key]:
-            raise CheckpointError(
-                f"{recorded_path}: vqgan.{key} was {old[key]!r} in the run, now {new[key]!r}; "
-                "resume with the run's settings or start a new run folder"
-            )
-
-
 def _save_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
     """PNG: top row input, bottom row reconstruction; axial (middle Z) and coronal (middle Y)."""
     from PIL import Image
@@ -148,45 +115,37 @@ def learning_rate(cfg: VQGANConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _no_sync(module: torch.nn.Module, active: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` when ``active`` (accumulating), else nothing."""
-    return module.no_sync() if active else contextlib.nullcontext()
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def train_vqgan(
-    config: PipelineConfig,
+    cfg: VQGANConfig,
     data_dir: Path,
     run_dir: Path,
+    *,
+    seed: int = 0,
     resume: bool = False,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
     """Train the 3D VQ-GAN on a preprocessed set; write checkpoints and logs into ``run_dir``.
 
-    Returns a summary dict (steps, final losses, code usage, codebook range, paths). Raises
-    InputError for a bad data folder, CheckpointError for a run folder that cannot be resumed.
+    Returns the run summary (steps, weights, seconds) with the code usage, codebook range, latent
+    shape and final losses. Raises InputError for a bad data or run folder, CheckpointError for a
+    run that cannot be resumed, TrainingDiverged when a loss becomes non-finite.
     """
-    cfg: VQGANConfig = config.vqgan
-    run_dir = Path(run_dir)
     runtime = start_runtime(cfg.device)
     volumes, dataset = load_volumes(Path(data_dir))
     volume_shape = tuple(volumes.shape[2:])
+    run = RunFolder.open(
+        run_dir,
+        kind=KIND,
+        settings=cfg,
+        seed=seed,
+        resume=resume,
+        resumable=RESUMABLE_CHANGES,
+        runtime=runtime,
+        reporter=reporter,
+        stage_entries={IMAGES_DIR},
+    )
 
-    state_path = run_dir / STATE_NAME
-    if resume:
-        if not state_path.is_file():
-            raise CheckpointError(f"{state_path}: no training state to resume from")
-        _check_resumable(run_dir, config)
-    elif state_path.exists() or (run_dir / WEIGHTS_NAME).exists():
-        raise InputError(
-            f"{run_dir}: already holds a VQ-GAN run; pass --resume to continue it or choose a "
-            "new run folder"
-        )
-
-    seed_everything(config.seed + runtime.rank)
+    seed_everything(seed + runtime.rank)
     model = VQGAN(cfg).to(runtime.device)
     model.latent_shape(volume_shape)  # fail early on a shape the model cannot take
     disc2d = slice_discriminator(cfg).to(runtime.device)
@@ -198,92 +157,60 @@ def train_vqgan(
     perceptual = perceptual_loss(cfg.perceptual_weights) if cfg.perceptual_weight > 0 else None
     if perceptual is not None:
         perceptual = perceptual.to(runtime.device)
-    elif cfg.perceptual_weight > 0 and runtime.is_main:
-        reporter.notice(
+    elif cfg.perceptual_weight > 0:
+        run.reporter.notice(
             "perceptual loss is off: vqgan.perceptual_weights is not set (needs a local "
             "torchvision ResNet-50 state dict; nothing is downloaded)"
         )
     adversarial = AdversarialLoss(cfg.gan_loss)
+    stateful = {
+        "model": model,
+        "disc2d": disc2d,
+        "disc3d": disc3d,
+        "opt_ae": opt_ae,
+        "opt_d": opt_d,
+    }
+    run.restore(**stateful)
+    # The codebook syncs its own buffers (all-reduced EMA statistics), so DDP need not.
+    nets = (run.wrap(model, broadcast_buffers=False), run.wrap(disc2d), run.wrap(disc3d))
 
-    start_step = 0
-    if resume:
-        state = load_training_state(state_path)
-        try:
-            model.load_state_dict(state["model"])
-            disc2d.load_state_dict(state["disc2d"])
-            disc3d.load_state_dict(state["disc3d"])
-            opt_ae.load_state_dict(state["opt_ae"])
-            opt_d.load_state_dict(state["opt_d"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            detail = str(error).strip().splitlines()[0][:200]
-            raise CheckpointError(
-                f"{state_path}: training state does not match the configured model ({detail})"
-            ) from None
-        start_step = int(state["step"])
-        rng = state["rng"][runtime.rank] if runtime.rank < len(state["rng"]) else state["rng"][0]
-        set_rng_state(rng)
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, run_dir)
-        truncate_jsonl_after_step(run_dir / METRICS_NAME, start_step)
-
-    if runtime.distributed:
-        # The codebook syncs its own buffers (all-reduced EMA statistics), so DDP need not.
-        ddp_model = DistributedDataParallel(model, broadcast_buffers=False)
-        ddp_disc2d = DistributedDataParallel(disc2d)
-        ddp_disc3d = DistributedDataParallel(disc3d)
-    else:
-        ddp_model, ddp_disc2d, ddp_disc3d = model, disc2d, disc3d
+    def write_weights() -> None:
+        save_vqgan(
+            run.path / WEIGHTS_NAME,
+            model,
+            step=run.step,
+            window=dataset.window,
+            volume_shape=volume_shape,
+            code_usage=_code_usage(model, volumes, runtime.device),
+            extra={"data_dir": str(dataset.root), "n_cases": len(dataset.cases)},
+        )
 
     model.train()
     disc2d.train()
     disc3d.train()
     global_batch = cfg.batch_size * runtime.world_size * cfg.grad_accumulation
-    metrics: dict[str, float] = {}
-    started = time.perf_counter()
-    with reporter.task("train-vqgan", total=cfg.max_steps, completed=start_step) as task:
-        for step in range(start_step, cfg.max_steps):
-            plan = batch_plan(config.seed, step, len(volumes), global_batch, volume_shape[2])
-            metrics = _train_step(
-                step,
-                plan,
-                volumes,
-                cfg,
-                runtime,
-                (ddp_model, ddp_disc2d, ddp_disc3d),
-                (opt_ae, opt_d),
-                perceptual,
-                adversarial,
-                run_dir,
-            )
-            done = step + 1
-            if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
-                record = {"step": done, **metrics}
-                record["seconds"] = round(time.perf_counter() - started, 3)
-                append_jsonl(run_dir / METRICS_NAME, record)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                _save_checkpoint(
-                    run_dir, done, model, disc2d, disc3d, opt_ae, opt_d, runtime, dataset, volumes
-                )
-            task.advance(
-                1,
-                l1=metrics["l1"],
-                perplexity=metrics["perplexity"],
-                used=metrics["used_fraction"],
-            )
+    metrics: dict[str, Any] = {}
+    show = ("l1", "perplexity", "used_fraction")
+    for step in run.steps(cfg.max_steps, log_every=cfg.log_every, show=show):
+        plan = batch_plan(seed, step, len(volumes), global_batch, volume_shape[2])
+        metrics = _train_step(
+            step, plan, volumes, cfg, runtime, nets, (opt_ae, opt_d), perceptual, adversarial
+        )
+        views = metrics.pop("_views")
+        if runtime.is_main and (step + 1) % cfg.image_every == 0:
+            _save_preview(run.path / IMAGES_DIR / f"step_{step + 1:07d}.png", *views)
+        done = run.end_step(step, metrics)
+        if run.due(done, cfg.checkpoint_every):
+            run.save(done, stateful, write_weights)
+
     low, high = model.codebook_range()
-    return {
-        "run_dir": str(run_dir),
-        "weights": str(run_dir / WEIGHTS_NAME),
-        "start_step": start_step,
-        "steps": max(cfg.max_steps, start_step),
-        "seconds": round(time.perf_counter() - started, 2),
-        "code_usage": _code_usage(model, volumes, runtime.device),
-        "codebook_min": low,
-        "codebook_max": high,
-        "latent_shape": list(model.latent_shape(volume_shape)),
-        "final_metrics": metrics,
-    }
+    return run.summary(
+        code_usage=_code_usage(model, volumes, runtime.device),
+        codebook_min=low,
+        codebook_max=high,
+        latent_shape=list(model.latent_shape(volume_shape)),
+        final_metrics=metrics,
+    )
 
 
 def _train_step(
@@ -296,9 +223,12 @@ def _train_step(
     optimisers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
     perceptual,
     adversarial: AdversarialLoss,
-    run_dir: Path,
-) -> dict[str, float]:
-    """One optimiser step of the autoencoder and (after ``disc_start``) of the discriminators."""
+) -> dict[str, Any]:
+    """One optimiser step of the autoencoder and (after ``disc_start``) of the discriminators.
+
+    Returns the mean loss terms (floats) and, under ``_views``, the last micro-batch's input and
+    reconstruction for the preview picture.
+    """
     model, disc2d, disc3d = models
     opt_ae, opt_d = optimisers
     gan_on = step >= cfg.disc_start
@@ -316,7 +246,7 @@ def _train_step(
         skip_sync = runtime.distributed and micro < cfg.grad_accumulation - 1
 
         # ---- autoencoder ----
-        with _no_sync(model, skip_sync), autocast(runtime.device):
+        with no_sync(model, skip_sync), autocast(runtime.device):
             out = model(x)
             l1 = (out.x_hat.float() - x).abs().mean()
             loss = cfg.l1_weight * l1 + cfg.commitment_weight * out.commitment
@@ -327,7 +257,7 @@ def _train_step(
                 terms["perceptual"] = p
             if gan_on:
                 # The unwrapped discriminators: only the autoencoder learns from this loss.
-                d2, d3 = _unwrap(disc2d), _unwrap(disc3d)
+                d2, d3 = unwrap(disc2d), unwrap(disc3d)
                 d2.requires_grad_(False)
                 d3.requires_grad_(False)
                 fake2d = d2(pick_slices(out.x_hat, slices))
@@ -354,8 +284,8 @@ def _train_step(
         if gan_on:
             x_hat = out.x_hat.detach()
             with (
-                _no_sync(disc2d, skip_sync),
-                _no_sync(disc3d, skip_sync),
+                no_sync(disc2d, skip_sync),
+                no_sync(disc3d, skip_sync),
                 autocast(runtime.device),
             ):
                 real2d = disc2d(pick_slices(x, slices))[-1].float()
@@ -372,66 +302,16 @@ def _train_step(
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accumulation
 
-    torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.grad_clip)
     sums["lr"] = learning_rate(cfg, step)
     for group in opt_ae.param_groups:
         group["lr"] = sums["lr"]
     opt_ae.step()
     if gan_on:
-        params = [*_unwrap(disc2d).parameters(), *_unwrap(disc3d).parameters()]
+        params = [*unwrap(disc2d).parameters(), *unwrap(disc3d).parameters()]
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt_d.step()
-    if runtime.is_main and (step + 1) % cfg.image_every == 0:
-        _save_preview(run_dir / IMAGES_DIR / f"step_{step + 1:07d}.png", x, out.x_hat)
-    return sums
-
-
-def _save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: VQGAN,
-    disc2d: torch.nn.Module,
-    disc3d: torch.nn.Module,
-    opt_ae: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    runtime: Runtime,
-    dataset: PreprocessedSet,
-    volumes: torch.Tensor,
-) -> None:
-    """Training state first (what resume reads), then the safetensors weights; rank 0 writes.
-
-    Every rank's RNG state is gathered so a resumed DDP run continues each rank's stream.
-    """
-    states = [rng_state()]
-    if runtime.distributed:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * runtime.world_size
-        dist.all_gather_object(gathered, states[0])
-        states = gathered
-    if not runtime.is_main:
-        return
-    save_training_state(
-        run_dir / STATE_NAME,
-        {
-            "step": step,
-            "model": model.state_dict(),
-            "disc2d": disc2d.state_dict(),
-            "disc3d": disc3d.state_dict(),
-            "opt_ae": opt_ae.state_dict(),
-            "opt_d": opt_d.state_dict(),
-            "rng": states,
-        },
-    )
-    save_vqgan(
-        run_dir / WEIGHTS_NAME,
-        model,
-        step=step,
-        window=dataset.window,
-        volume_shape=tuple(volumes.shape[2:]),
-        code_usage=_code_usage(model, volumes, runtime.device),
-        extra={"data_dir": str(dataset.root), "n_cases": len(dataset.cases)},
-    )
+    return {**sums, "_views": (x.detach(), out.x_hat.detach())}
 
 
 @torch.no_grad()
