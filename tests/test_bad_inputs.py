@@ -335,3 +335,16 @@ def test_preprocess_of_a_file_that_is_not_a_volume_says_so(tmp_path):
 def test_a_bad_z_range_option_exits_2_naming_the_option(tmp_path, scan):
     result, output = _invoke(["preprocess", scan, tmp_path / "out", "--z-range", "5"])
     _assert_refused(result, output, "--z-range: got '5'", "LOW:HIGH")
+
+
+def test_the_voxel_limit_also_guards_mha_files_before_reading_them(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    from bladdergen.data.volumes import read_volume
+    from bladdergen.errors import InputError
+
+    path = tmp_path / "scan.mha"
+    sitk.WriteImage(sitk.Image([4, 4, 3], sitk.sitkInt16), str(path))
+    monkeypatch.setenv("BLADDERGEN_MAX_VOXELS", "47")
+    with pytest.raises(InputError, match=r"scan\.mha: header claims shape 4x4x3 = 48 voxels"):
+        read_volume(path)

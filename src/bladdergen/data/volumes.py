@@ -136,6 +136,16 @@ def max_voxels() -> int:
     return value
 
 
+def _check_voxel_count(path: Path, shape: tuple[int, ...]) -> None:
+    voxels = math.prod(shape)
+    limit = max_voxels()
+    if voxels > limit:
+        raise InputError(
+            f"{path}: header claims shape {'x'.join(map(str, shape))} = {voxels} voxels, "
+            f"expected at most {limit} ({MAX_VOXELS_ENV})"
+        )
+
+
 def open_nifti(path: Path) -> nib.Nifti1Image:
     """Open a NIfTI file's header without reading voxels; the one NIfTI reader of the toolkit.
 
@@ -152,12 +162,7 @@ def open_nifti(path: Path) -> nib.Nifti1Image:
         raise InputError(f"{path}: unreadable NIfTI ({_first_line(error)})") from None
     shape = tuple(int(n) for n in image.shape)
     voxels = math.prod(shape)
-    limit = max_voxels()
-    if voxels > limit:
-        raise InputError(
-            f"{path}: header claims shape {'x'.join(map(str, shape))} = {voxels} voxels, "
-            f"expected at most {limit} ({MAX_VOXELS_ENV})"
-        )
+    _check_voxel_count(path, shape)
     header = image.header
     data_bytes = voxels * int(header.get_data_dtype().itemsize)
     offset = int(header.get("vox_offset", 0)) if hasattr(header, "get") else 0
@@ -203,6 +208,10 @@ def _read_with_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()  # the header only: refuse an impossible size before reading
+        _check_voxel_count(path, tuple(int(n) for n in info.GetSize()))
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InputError(f"{path}: unreadable image ({_first_line(error)})") from None

@@ -37,7 +37,6 @@ REQUIRED_METADATA = {
     "latent_shape": list,
     "codebook_min": (int, float),
     "codebook_max": (int, float),
-    "weights_sha256": str,
 }
 
 
@@ -102,7 +101,8 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     except ConfigError as error:
         raise CheckpointError(f"{path}: stored VQ-GAN config is invalid ({error})") from None
     recorded = metadata.get("weights_sha256")
-    if recorded is not None and recorded != weights_sha256(tensors):
+    actual = weights_sha256(tensors)
+    if recorded is not None and recorded != actual:
         raise CheckpointError(f"{path}: weights do not match their recorded weights_sha256")
     model = VQGAN(config)
     load_state_dict_strict(model, tensors, path)
@@ -111,4 +111,5 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     model.to(device).eval()
     metadata = dict(metadata)
     metadata["path"] = str(path)
+    metadata["weights_sha256"] = actual  # older files without it get their identity here
     return model, metadata
