@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bladdergen.checkpoint import load_state_dict_strict, load_weights, resolve_weights
+from bladdergen.checkpoint import (
+    load_state_dict_strict,
+    load_weights,
+    require_metadata,
+    resolve_weights,
+)
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.data.volumes import write_nifti
 from bladdergen.diffusion.config import LDMConfig
@@ -37,7 +42,7 @@ from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.train import KIND
 from bladdergen.diffusion.unet import PseudoUNet3D, build_denoiser
 from bladdergen.errors import CheckpointError, ConfigError, InputError
-from bladdergen.fileio import atomic_write_json, sha256_file
+from bladdergen.fileio import atomic_write_json, check_output_folder, sha256_file
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, start_runtime
 from bladdergen.settings import from_mapping, to_mapping, write_yaml
@@ -47,6 +52,25 @@ MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
 LABELS_DIR = "labels"
 CHECKS_DIR = "checks"
+# What sample writes into --out (anything else there is refused as unrelated).
+OWNED_OUTPUTS = (
+    "sample_*.nii.gz",
+    PREVIEW_DIR,
+    LABELS_DIR,
+    CHECKS_DIR,
+    MANIFEST_NAME,
+    "config.yaml",
+)
+# What sampling reads from a ``train-ldm`` checkpoint's metadata.
+LDM_METADATA = {
+    "config.ldm": dict,
+    "latent_shape": list,
+    "scaler": dict,
+    "window": list,
+    "affine": list,
+    "vqgan_path": str,
+    "vqgan_hash": str,
+}
 
 if TYPE_CHECKING:
     from bladdergen.config import PipelineConfig
@@ -66,6 +90,7 @@ def load_ldm(path: Path, device: torch.device) -> tuple[PseudoUNet3D, dict[str, 
     """An LDM run folder or checkpoint -> (EMA denoiser in eval mode, metadata, weights file)."""
     weights_path = resolve_weights(Path(path))
     tensors, metadata = load_weights(weights_path, expected_kind=KIND, device="cpu")
+    require_metadata(metadata, weights_path, LDM_METADATA)
     try:
         ldm_config = from_mapping(LDMConfig, metadata["config"]["ldm"], f"{weights_path}: ldm")
     except (KeyError, TypeError, ConfigError) as error:
@@ -134,11 +159,13 @@ def _write_label(
     write_nifti(out_dir / LABELS_DIR / f"{name}.nii.gz", values, affine, np.uint8)
 
 
-def _check_inputs(n: int, out_dir: Path) -> None:
+def _check_inputs(n: int, seed: int, out_dir: Path) -> None:
+    """Everything about the request that can be refused before a file is written."""
     if n < 1:
         raise InputError(f"-n: got {n}, expected at least 1 sample")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: --out is a file, expected a folder")
+    if seed < 0:
+        raise InputError(f"--seed: got {seed}, expected a whole number >= 0")
+    check_output_folder(out_dir, OWNED_OUTPUTS, "sample")
 
 
 def _settings(config: PipelineConfig, seed: int, checkpoint_hash: str, vqgan_hash: str) -> dict:
@@ -160,11 +187,19 @@ def _check_existing_manifest(path: Path, settings: dict[str, Any]) -> None:
         return
     try:
         existing = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(
             f"{path}: unreadable manifest; remove it or choose another --out"
         ) from None
-    old = existing.get("settings", {})
+    if not isinstance(existing, dict) or existing.get("format") != MANIFEST_FORMAT:
+        found = existing.get("format") if isinstance(existing, dict) else type(existing).__name__
+        raise InputError(
+            f"{path}: manifest of format {found!r}, expected {MANIFEST_FORMAT!r}; "
+            "choose another --out"
+        )
+    old = existing.get("settings")
+    if not isinstance(old, dict):
+        raise InputError(f"{path}: manifest has no settings object; choose another --out")
     for key, value in settings.items():
         if old.get(key) != value:
             raise InputError(
@@ -192,7 +227,7 @@ def sample_volumes(
 
     cfg = config.sample
     out_dir = Path(out_dir)
-    _check_inputs(n, out_dir)
+    _check_inputs(n, config.seed, out_dir)
     runtime = runtime or start_runtime(cfg.device)
     device = runtime.device
 

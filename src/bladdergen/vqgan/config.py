@@ -117,8 +117,9 @@ class VQGANConfig:
             raise ConfigError(
                 f"vqgan.codebook_decay: got {self.codebook_decay}, expected in (0, 1)"
             )
-        if self.max_steps < 0:
-            raise ConfigError(f"vqgan.max_steps: got {self.max_steps}, expected >= 0")
+        if self.max_steps < 1:
+            # 0 steps would save an untrained model and exit 0 as if it had trained
+            raise ConfigError(f"vqgan.max_steps: got {self.max_steps}, expected >= 1")
         if self.disc_start < 0:
             raise ConfigError(f"vqgan.disc_start: got {self.disc_start}, expected >= 0")
         for key in ("lr", "disc_lr", "grad_clip"):

@@ -18,6 +18,7 @@ import torch
 from bladdergen.checkpoint import (
     load_state_dict_strict,
     load_weights,
+    require_metadata,
     resolve_weights,
     save_weights,
 )
@@ -28,6 +29,15 @@ from bladdergen.vqgan.model import VQGAN
 
 KIND = "vqgan"
 FORMAT_VERSION = 1
+# What later stages read from a VQ-GAN checkpoint's metadata.
+REQUIRED_METADATA = {
+    "config": dict,
+    "window": list,
+    "volume_shape": list,
+    "latent_shape": list,
+    "codebook_min": (int, float),
+    "codebook_max": (int, float),
+}
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -88,8 +98,7 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     """
     path = resolve_weights(Path(path_or_run_dir))
     tensors, metadata = load_weights(path, expected_kind=KIND, device="cpu")
-    if not isinstance(metadata.get("config"), dict):
-        raise CheckpointError(f"{path}: VQ-GAN checkpoint metadata has no config")
+    require_metadata(metadata, path, REQUIRED_METADATA)
     stored = dict(metadata["config"])
     stored.setdefault("label_head", False)  # checkpoints from before the label decoder
     try:
@@ -97,7 +106,8 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     except ConfigError as error:
         raise CheckpointError(f"{path}: stored VQ-GAN config is invalid ({error})") from None
     recorded = metadata.get("weights_sha256")
-    if recorded is not None and recorded != weights_sha256(tensors):
+    actual = weights_sha256(tensors)
+    if recorded is not None and recorded != actual:
         raise CheckpointError(f"{path}: weights do not match their recorded weights_sha256")
     model = VQGAN(config)
     load_state_dict_strict(model, tensors, path)
@@ -106,4 +116,5 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     model.to(device).eval()
     metadata = dict(metadata)
     metadata["path"] = str(path)
+    metadata["weights_sha256"] = actual  # older files without it get their identity here
     return model, metadata
