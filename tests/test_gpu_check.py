@@ -67,7 +67,7 @@ def test_every_stage_runs_on_cpu_and_reports_finite_numbers(gpu_check, tmp_path)
     for name, stage in report["stages"].items():
         assert stage["status"] == "ok", (name, stage.get("error"))
         assert stage["memory_kind"] == "cpu_rss_proxy"
-        for key in ("peak_gb", "step_s_median", "warmup_s", "wall_s"):
+        for key in ("peak_gb", "warmup_peak_gb", "step_s_median", "warmup_s", "wall_s"):
             assert math.isfinite(stage[key]) and stage[key] >= 0, (name, key)
         assert stage["step_s_median"] > 0 and stage["steps_timed"] == 1
         assert all(math.isfinite(v) for v in stage.get("losses", {}).values())
