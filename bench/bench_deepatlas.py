@@ -86,7 +86,7 @@ def worker(profile: str, shape: tuple[int, int, int], reg_steps: int, seg_steps:
         }
         config = load_config(profile, overrides=overrides)
         started = time.perf_counter()
-        train_deepatlas(config, data, Path(tmp) / "run")
+        train_deepatlas(config.deepatlas, data, Path(tmp) / "run")
         seconds = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_kib / 2**20}))

@@ -76,6 +76,13 @@ def make_preprocessed_set(
         "window": list(WINDOW),
         "label_map": {"0": 0, "255": 1, "128": 2},
         "target_shape": list(shape),
+        # what `bladdergen preprocess` records: the settings that made these volumes
+        "settings": {
+            "target_size": list(shape[:2]),
+            "target_depth": shape[2],
+            "window": list(WINDOW),
+            "label_map": {"0": 0, "255": 1, "128": 2},
+        },
         "cases": cases,
         "rejected": [],
     }

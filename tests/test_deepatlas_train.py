@@ -64,7 +64,7 @@ class _KillAt(Reporter):
 
 def test_training_writes_checkpoints_logs_and_validation(tiny_dataset, tmp_path):
     config = tiny_config(**{"deepatlas.max_steps": 8, "deepatlas.val_every": 2})
-    result = train_deepatlas(config, tiny_dataset, tmp_path)
+    result = train_deepatlas(config.deepatlas, tiny_dataset, tmp_path)
     assert result["steps"] == 8 and result["validation_cases"] == 1
     assert result["labeled_training_cases"] == 3 and result["unlabeled_images"] == 2
     for name in ("config.yaml", "model.safetensors", "best.safetensors", "split.json"):
@@ -83,10 +83,10 @@ def test_training_writes_checkpoints_logs_and_validation(tiny_dataset, tmp_path)
 
 def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dataset, tmp_path):
     config = tiny_config(**{"deepatlas.max_steps": 8})
-    train_deepatlas(config, tiny_dataset, tmp_path / "straight")
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):  # killed at step 7, last checkpoint at step 6
-        train_deepatlas(config, tiny_dataset, tmp_path / "killed", reporter=_KillAt(7))
-    train_deepatlas(config, tiny_dataset, tmp_path / "killed", resume=True)
+        train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "killed", reporter=_KillAt(7))
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "killed", resume=True)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "model.safetensors")
     assert straight.keys() == resumed.keys()
@@ -97,17 +97,17 @@ def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dat
 
 
 def test_resume_with_a_different_network_is_refused(tiny_dataset, tmp_path):
-    train_deepatlas(tiny_config(**{"deepatlas.max_steps": 3}), tiny_dataset, tmp_path)
+    train_deepatlas(tiny_config(**{"deepatlas.max_steps": 3}).deepatlas, tiny_dataset, tmp_path)
     changed = tiny_config(**{"deepatlas.max_steps": 6, "deepatlas.seg_filters": [4, 8, 16]})
     with pytest.raises(CheckpointError, match="seg_filters"):
-        train_deepatlas(changed, tiny_dataset, tmp_path, resume=True)
+        train_deepatlas(changed.deepatlas, tiny_dataset, tmp_path, resume=True)
 
 
 def test_supervised_only_trains_the_segmentation_net_for_the_same_number_of_updates(
     tiny_dataset, tmp_path
 ):
     config = tiny_config(**{"deepatlas.max_steps": 10})
-    result = train_deepatlas(config, tiny_dataset, tmp_path, supervised_only=True)
+    result = train_deepatlas(config.deepatlas, tiny_dataset, tmp_path, supervised_only=True)
     # schedule of 10 steps: 2 reg + 2 seg pretrain, then reg reg seg seg reg reg -> 4 seg updates
     assert result["steps"] == segmentation_updates(config.deepatlas, 10) == 4
     assert result["unlabeled_images"] == 0
@@ -125,7 +125,9 @@ def test_synthetic_hu_volumes_are_preprocessed_like_the_training_data(tiny_datas
         hu = rng.uniform(-200, 300, (40, 36, 11)).astype(np.float32)
         nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 3.0, 1.0])), synthetic / f"s{index}.nii.gz")
     config = tiny_config(**{"deepatlas.max_steps": 1})
-    result = train_deepatlas(config, tiny_dataset, tmp_path / "run", synthetic_dir=synthetic)
+    result = train_deepatlas(
+        config.deepatlas, tiny_dataset, tmp_path / "run", synthetic_dir=synthetic
+    )
     assert result["synthetic_images"] == 2
     prepared = sorted((tmp_path / "run" / "prepared" / "synthetic").glob("*.nii.gz"))
     assert [p.name for p in prepared] == ["s0.nii.gz", "s1.nii.gz"]
@@ -136,7 +138,7 @@ def test_synthetic_hu_volumes_are_preprocessed_like_the_training_data(tiny_datas
 def test_too_few_labeled_cases_for_the_validation_split_is_an_input_error(tiny_dataset, tmp_path):
     config = tiny_config(**{"deepatlas.val_cases": 4})
     with pytest.raises(InputError, match="labeled cases"):
-        train_deepatlas(config, tiny_dataset, tmp_path)
+        train_deepatlas(config.deepatlas, tiny_dataset, tmp_path)
 
 
 def test_two_gloo_processes_train_with_ddp(tiny_dataset, tmp_path):

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
     data, vqgan, root = (Path(a) for a in sys.argv[2:5])
-    train_ldm(micro_config(**{"ldm.max_steps": 2}), data, root / "ldm", vqgan)
+    train_ldm(micro_config(**{"ldm.max_steps": 2}).ldm, data, root / "ldm", vqgan)
     sample_volumes(micro_config(), root / "ldm", root / "samples", 3)
     stop_runtime()
     """

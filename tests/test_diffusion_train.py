@@ -25,7 +25,7 @@ def vqgan_run(tiny_dataset, tmp_path_factory):
 def trained_run(tiny_dataset, vqgan_run, tmp_path_factory):
     """A 4-step run (checkpoints at steps 2 and 4); tests must not modify it."""
     run = tmp_path_factory.mktemp("ldm") / "run"
-    result = train_ldm(micro_config(), tiny_dataset, run, vqgan_run)
+    result = train_ldm(micro_config().ldm, tiny_dataset, run, vqgan_run)
     return run, result
 
 
@@ -38,7 +38,7 @@ def test_latent_scaler_maps_the_codebook_range_onto_minus_one_to_one():
 
 def test_training_writes_weights_state_config_metrics_and_latent_cache(trained_run, vqgan_run):
     run, result = trained_run
-    assert result["step"] == 4 and result["latent_shape"] == [8, 8, 8, 4]
+    assert result["steps"] == 4 and result["latent_shape"] == [8, 8, 8, 4]
     for name in ("model.safetensors", "training_state.pt", "config.yaml", "metrics.jsonl"):
         assert (run / name).is_file()
     assert len(list((run / "latents").glob("latents-*.safetensors"))) == 1
@@ -55,8 +55,10 @@ def test_training_writes_weights_state_config_metrics_and_latent_cache(trained_r
 def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(
     tiny_dataset, vqgan_run, trained_run, tmp_path
 ):
-    train_ldm(micro_config(**{"ldm.max_steps": 2}), tiny_dataset, tmp_path / "resumed", vqgan_run)
-    train_ldm(micro_config(), tiny_dataset, tmp_path / "resumed", vqgan_run, resume=True)
+    train_ldm(
+        micro_config(**{"ldm.max_steps": 2}).ldm, tiny_dataset, tmp_path / "resumed", vqgan_run
+    )
+    train_ldm(micro_config().ldm, tiny_dataset, tmp_path / "resumed", vqgan_run, resume=True)
     straight = load_training_state(trained_run[0] / "training_state.pt")
     resumed = load_training_state(tmp_path / "resumed" / "training_state.pt")
     assert resumed["step"] == 4
@@ -77,28 +79,28 @@ def test_a_second_run_reuses_the_cached_latents_without_encoding(
         raise AssertionError("latents were encoded again")
 
     monkeypatch.setattr(latents_module, "encode_dataset", refuse)
-    result = train_ldm(config, tiny_dataset, tmp_path / "second", vqgan_run)
-    assert result["step"] == 1
+    result = train_ldm(config.ldm, tiny_dataset, tmp_path / "second", vqgan_run)
+    assert result["steps"] == 1
     assert result["latent_cache"].startswith(str(cache))
 
 
 def test_resuming_with_another_vqgan_is_refused(tiny_dataset, trained_run, tmp_path):
     run = trained_run[0]
     other = make_vqgan(tmp_path / "other_vqgan", tiny_dataset, seed=1)
-    with pytest.raises(CheckpointError, match="different VQ-GAN"):
-        train_ldm(micro_config(**{"ldm.max_steps": 8}), tiny_dataset, run, other, resume=True)
+    with pytest.raises(CheckpointError, match="frozen VQ-GAN"):
+        train_ldm(micro_config(**{"ldm.max_steps": 8}).ldm, tiny_dataset, run, other, resume=True)
 
 
 def test_training_into_an_existing_run_without_resume_is_refused(tiny_dataset, vqgan_run, tmp_path):
     run = tmp_path / "ldm"
-    train_ldm(micro_config(**{"ldm.max_steps": 1}), tiny_dataset, run, vqgan_run)
+    train_ldm(micro_config(**{"ldm.max_steps": 1}).ldm, tiny_dataset, run, vqgan_run)
     with pytest.raises(InputError, match="--resume"):
-        train_ldm(micro_config(), tiny_dataset, run, vqgan_run)
+        train_ldm(micro_config().ldm, tiny_dataset, run, vqgan_run)
 
 
-def test_resuming_with_a_different_denoiser_architecture_is_refused(
+def test_resuming_with_a_different_denoiser_architecture_is_refused_naming_the_key(
     tiny_dataset, vqgan_run, trained_run
 ):
     config = micro_config(**{"ldm.base_channels": 12, "ldm.max_steps": 8})
-    with pytest.raises(CheckpointError, match="does not match the configured model"):
-        train_ldm(config, tiny_dataset, trained_run[0], vqgan_run, resume=True)
+    with pytest.raises(CheckpointError, match="ldm.base_channels is 12 but the run used 8"):
+        train_ldm(config.ldm, tiny_dataset, trained_run[0], vqgan_run, resume=True)

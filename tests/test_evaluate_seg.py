@@ -173,3 +173,21 @@ def test_predictions_without_a_truth_case_are_ignored(tmp_path):
     pred = write_labels(tmp_path / "pred", cases)
     result = evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
     assert result["cases"] == 3
+
+
+def test_a_paired_difference_over_one_case_has_no_confidence_interval():
+    from bladdergen.evaluate.seg import paired_difference
+
+    rows = [
+        {"set": "a", "case_id": "c1", "class": "wall", "dice": 0.5},
+        {"set": "b", "case_id": "c1", "class": "wall", "dice": 0.75},
+    ]
+    result = paired_difference(rows, "a", "b", "wall", "dice", EvaluateConfig(), seed=0)
+    assert (result["n"], result["mean_difference"]) == (1, 0.25)
+    assert result["ci_low"] is None and result["ci_high"] is None
+
+
+def test_the_report_prints_n_a_for_a_missing_interval():
+    from bladdergen.evaluate.seg import _ci_text
+
+    assert _ci_text({"ci_low": None, "ci_high": None}) == "n/a (n < 2)"

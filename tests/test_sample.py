@@ -25,7 +25,7 @@ def runs(tiny_dataset, tmp_path_factory):
     """(VQ-GAN run, 4-step LDM run) trained on the tiny test set."""
     root = tmp_path_factory.mktemp("sample_runs")
     vqgan = make_vqgan(root / "vqgan", tiny_dataset)
-    train_ldm(micro_config(), tiny_dataset, root / "ldm", vqgan)
+    train_ldm(micro_config().ldm, tiny_dataset, root / "ldm", vqgan)
     return vqgan, root / "ldm"
 
 
@@ -140,7 +140,7 @@ def test_cli_sample_exits_2_on_zero_samples_and_0_on_success(runs, tmp_path):
 
 def test_a_moved_vqgan_is_named_in_the_error(tiny_dataset, tmp_path):
     vqgan = make_vqgan(tmp_path / "vqgan", tiny_dataset)
-    train_ldm(micro_config(**{"ldm.max_steps": 1}), tiny_dataset, tmp_path / "ldm", vqgan)
+    train_ldm(micro_config(**{"ldm.max_steps": 1}).ldm, tiny_dataset, tmp_path / "ldm", vqgan)
     (vqgan / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
     with pytest.raises(CheckpointError, match="no longer exists; pass --vqgan"):
         sample_volumes(micro_config(), tmp_path / "ldm", tmp_path / "out", 1)

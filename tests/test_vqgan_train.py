@@ -76,7 +76,7 @@ def trained(tiny_dataset, tmp_path_factory):
     """One uninterrupted 4-step run shared by the tests below: (run folder, result, notices)."""
     run = tmp_path_factory.mktemp("vqgan") / "run"
     reporter = _Collect()
-    result = train_vqgan(_config(), tiny_dataset, run, reporter=reporter)
+    result = train_vqgan(_config().vqgan, tiny_dataset, run, reporter=reporter)
     return run, result, reporter.notices
 
 
@@ -106,8 +106,8 @@ def test_perceptual_loss_without_weights_is_off_with_one_notice(trained):
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_run(trained, tiny_dataset, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        train_vqgan(_config(), tiny_dataset, tmp_path / "killed", reporter=_KillAfter(3))
-    result = train_vqgan(_config(), tiny_dataset, tmp_path / "killed", resume=True)
+        train_vqgan(_config().vqgan, tiny_dataset, tmp_path / "killed", reporter=_KillAfter(3))
+    result = train_vqgan(_config().vqgan, tiny_dataset, tmp_path / "killed", resume=True)
     assert result["start_step"] == 2  # the last checkpoint before the kill
     full, _ = load_weights(trained[0] / "model.safetensors")
     resumed, _ = load_weights(tmp_path / "killed" / "model.safetensors")
@@ -122,13 +122,15 @@ def test_resume_with_a_different_architecture_is_a_checkpoint_error(
 ):
     shutil.copytree(trained[0], tmp_path / "run")
     with pytest.raises(CheckpointError, match="vqgan.n_codes"):
-        train_vqgan(_config(**{"vqgan.n_codes": 16}), tiny_dataset, tmp_path / "run", resume=True)
+        train_vqgan(
+            _config(**{"vqgan.n_codes": 16}).vqgan, tiny_dataset, tmp_path / "run", resume=True
+        )
 
 
 def test_a_new_run_refuses_a_folder_that_holds_one(trained, tiny_dataset, tmp_path):
     shutil.copytree(trained[0], tmp_path / "run")
     with pytest.raises(InputError, match="--resume"):
-        train_vqgan(_config(**{"vqgan.max_steps": 1}), tiny_dataset, tmp_path / "run")
+        train_vqgan(_config(**{"vqgan.max_steps": 1}).vqgan, tiny_dataset, tmp_path / "run")
 
 
 def test_batches_visit_every_case_once_per_epoch_and_depend_only_on_seed_and_step():
@@ -143,7 +145,7 @@ def test_batches_visit_every_case_once_per_epoch_and_depend_only_on_seed_and_ste
 def test_perceptual_weights_path_that_does_not_exist_is_an_input_error(tiny_dataset, tmp_path):
     config = _config(**{"vqgan.perceptual_weights": str(tmp_path / "missing.pth")})
     with pytest.raises(InputError, match="missing.pth"):
-        train_vqgan(config, tiny_dataset, tmp_path / "run")
+        train_vqgan(config.vqgan, tiny_dataset, tmp_path / "run")
 
 
 def test_reconstruct_reports_metrics_usage_and_writes_volumes(trained, tiny_dataset, tmp_path):

@@ -98,8 +98,9 @@ def preprocess(
     in_dir: Annotated[
         Path,
         typer.Argument(
-            help="Input folder: images/ (+ labels/), or nnU-Net imagesTr/ labelsTr/ imagesTs/. "
-            "Images are NIfTI, MHA/NRRD, or folders holding one DICOM series."
+            help="Input: a folder with images/ (+ labels/) or nnU-Net imagesTr/ labelsTr/ "
+            "imagesTs/ (dataset.json labels honoured); a folder of volumes; one volume file; "
+            "or one DICOM series folder. Images are NIfTI, MHA/NRRD or DICOM series."
         ),
     ],
     out_dir: Annotated[
@@ -120,6 +121,18 @@ def preprocess(
     ] = None,
     target_depth: Annotated[
         int | None, typer.Option("--target-depth", help="Axial slices after the depth policy.")
+    ] = None,
+    z_range: Annotated[
+        str | None,
+        typer.Option(
+            "--z-range",
+            help="Keep only the slab LOW:HIGH before the depth policy (e.g. the bladder of a long "
+            "scan): world z in mm (RAS, inferior to superior), or slice indices with "
+            "--z-unit slices. Write negative values as --z-range=-120:-20.",
+        ),
+    ] = None,
+    z_unit: Annotated[
+        str | None, typer.Option("--z-unit", help="Unit of --z-range: mm (default) or slices.")
     ] = None,
     skip_bad: Annotated[
         bool,
@@ -153,6 +166,8 @@ def preprocess(
             "preprocess.workers": workers,
             "preprocess.depth_policy": depth_policy,
             "preprocess.target_depth": target_depth,
+            "preprocess.z_range": _parse_range(z_range),
+            "preprocess.z_range_unit": z_unit,
         },
     )
     reporter = RichReporter(quiet)
@@ -170,3 +185,18 @@ def preprocess(
         reporter.stop()
     title = "already up to date (nothing done)" if result["skipped"] else "preprocessed"
     emit_result(result, as_json, quiet, title)
+
+
+def _parse_range(text: str | None) -> list[float] | None:
+    """``"LOW:HIGH"`` -> [LOW, HIGH]; InputError naming the option for anything else."""
+    from bladdergen.errors import InputError
+
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return [float(parts[0]), float(parts[1])]
+    except ValueError:
+        raise InputError(f"--z-range: got {text!r}, expected LOW:HIGH, e.g. -120:-20") from None

@@ -79,9 +79,10 @@ def train_deepatlas_command(
     reporter = RichReporter(quiet)
     try:
         result = train_deepatlas(
-            resolved,
+            resolved.deepatlas,
             data_dir,
             run_dir,
+            seed=resolved.seed,
             unlabeled_dirs=list(unlabeled or []),
             synthetic_dir=synthetic,
             supervised_only=supervised_only,

@@ -72,7 +72,15 @@ def train_ldm_command(
     )
     reporter = RichReporter(quiet)
     try:
-        result = train_ldm(resolved, data_dir, run_dir, vqgan, resume=resume, reporter=reporter)
+        result = train_ldm(
+            resolved.ldm,
+            data_dir,
+            run_dir,
+            vqgan,
+            seed=resolved.seed,
+            resume=resume,
+            reporter=reporter,
+        )
     finally:
         reporter.stop()
         stop_runtime()

@@ -66,7 +66,14 @@ def train_vqgan_command(
     )
     reporter = RichReporter(quiet)
     try:
-        result = train_vqgan(resolved, data_dir, run_dir, resume=resume, reporter=reporter)
+        result = train_vqgan(
+            resolved.vqgan,
+            data_dir,
+            run_dir,
+            seed=resolved.seed,
+            resume=resume,
+            reporter=reporter,
+        )
     finally:
         reporter.stop()
         stop_runtime()

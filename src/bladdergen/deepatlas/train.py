@@ -17,26 +17,18 @@ preprocessing).
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from bladdergen import checkpoint as ckpt
-from bladdergen.config import PipelineConfig, config_from_yaml_file, to_mapping, write_config
-from bladdergen.data.config import PreprocessConfig
-from bladdergen.data.dataset import PreprocessedSet
+from bladdergen.data.dataset import CLASS_NAMES, CaseRecord, PreprocessedSet
+from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.fields import Warper, folding_fraction
 from bladdergen.deepatlas.losses import DeepAtlasLosses, disable_tf32, one_hot
-from bladdergen.deepatlas.networks import (
-    RegistrationNet,
-    SegmentationNet,
-    expand_state_dict,
-    portable_state_dict,
-)
+from bladdergen.deepatlas.networks import RegistrationNet, SegmentationNet, portable_state_dict
 from bladdergen.deepatlas.pairs import (
     REG,
     REG_PRETRAIN,
@@ -50,33 +42,20 @@ from bladdergen.deepatlas.pairs import (
 )
 from bladdergen.deepatlas.pools import PoolImage, VolumeCache, pool_from_folder, split_labeled
 from bladdergen.deepatlas.segment import dice_per_class, predict_classes
-from bladdergen.errors import CheckpointError, InputError
-from bladdergen.fileio import (
-    append_jsonl,
-    atomic_write_json,
-    atomic_write_text,
-    truncate_jsonl_after_step,
-)
+from bladdergen.engine.run import RunFolder, RunKind, unwrap
+from bladdergen.errors import InputError
+from bladdergen.fileio import atomic_write_json
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, autocast, main_process_first, start_runtime
+from bladdergen.settings import to_mapping
 
 KIND = "deepatlas"
 MODE_DEEPATLAS, MODE_SUPERVISED = "deepatlas", "supervised-only"
 # Settings that may change between a run and its resume (the rest must match).
 RESUMABLE_KEYS = {"max_steps", "device", "val_every", "checkpoint_every", "log_every"}
 RESUMABLE_KEYS |= {"cache_volumes", "sw_overlap"}
-
-
-def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    return net.module if isinstance(net, DistributedDataParallel) else net
-
-
-def training_preprocess_config(data_dir: Path, fallback: PreprocessConfig) -> PreprocessConfig:
-    """The preprocess settings that produced DATA_DIR (its ``config.yaml``), else ``fallback``."""
-    path = Path(data_dir) / "config.yaml"
-    if path.is_file():
-        return config_from_yaml_file(path).preprocess
-    return fallback
+PREPARED_DIR = "prepared"
+RUN_KIND = RunKind(KIND, RESUMABLE_KEYS, entries={"split.json", PREPARED_DIR})
 
 
 class _Images:
@@ -116,28 +95,12 @@ def _check_shapes(items: list[PoolImage], shape: tuple[int, ...], multiple: tupl
             )
 
 
-def _check_resume(config: PipelineConfig, run_dir: Path, mode: str, state: dict) -> None:
-    saved = config_from_yaml_file(run_dir / "config.yaml")
-    old, new = to_mapping(saved.deepatlas), to_mapping(config.deepatlas)
-    for key in old:
-        if key not in RESUMABLE_KEYS and old[key] != new[key]:
-            raise CheckpointError(
-                f"{run_dir}: cannot resume, deepatlas.{key} is {new[key]!r} but the run used "
-                f"{old[key]!r}"
-            )
-    if saved.seed != config.seed:
-        raise CheckpointError(f"{run_dir}: cannot resume, seed {config.seed} != run's {saved.seed}")
-    if state.get("mode") != mode:
-        raise CheckpointError(
-            f"{run_dir}: cannot resume a {state.get('mode')!r} run as {mode!r} "
-            "(--supervised-only must match)"
-        )
-
-
 def train_deepatlas(
-    config: PipelineConfig,
+    cfg: DeepAtlasConfig,
     data_dir: Path,
     run_dir: Path,
+    *,
+    seed: int = 0,
     unlabeled_dirs: list[Path] | None = None,
     synthetic_dir: Path | None = None,
     supervised_only: bool = False,
@@ -147,61 +110,60 @@ def train_deepatlas(
     """Train DeepAtlas (or the supervised-only baseline) and write the run folder.
 
     ``data_dir``: a preprocessed set; its labeled cases are split into training and validation
-    (``deepatlas.val_cases``), its unlabeled cases join the unlabeled pool. ``unlabeled_dirs`` and
+    (``cfg.val_cases``), its unlabeled cases join the unlabeled pool. ``unlabeled_dirs`` and
     ``synthetic_dir``: more unlabeled images (preprocessed sets or raw HU volumes, prepared with
-    DATA_DIR's preprocess settings). Returns a summary dict (steps, best validation Dice, paths).
+    DATA_DIR's recorded preprocess settings). Returns the run summary with the schedule's update
+    counts, pool sizes and the best validation Dice.
 
-    Raises InputError for unusable data, CheckpointError when ``resume`` does not match the run.
+    Raises InputError for unusable data or run folders, CheckpointError when ``resume`` does not
+    match the run, TrainingDiverged when a loss becomes non-finite.
     """
-    cfg = config.deepatlas
     mode = MODE_SUPERVISED if supervised_only else MODE_DEEPATLAS
-    run_dir = Path(run_dir)
     runtime = start_runtime(cfg.device)
     disable_tf32()
-    state_path = run_dir / ckpt.STATE_NAME
-    if not resume and state_path.exists():
-        raise InputError(
-            f"{run_dir}: already holds a training run; pass --resume or choose a new folder"
-        )
-    if resume and not state_path.exists():
-        raise CheckpointError(f"{run_dir}: nothing to resume ({ckpt.STATE_NAME} not found)")
 
     # ---- data
     dataset = PreprocessedSet.open(data_dir)
-    preprocess = training_preprocess_config(data_dir, config.preprocess)
-    train_ids, val_ids = split_labeled(dataset, cfg.val_cases, config.seed)
-    labeled = [
-        PoolImage(c, "labeled", dataset.case(c).image_path, dataset.case(c).label_path)
-        for c in train_ids
-    ]
-    validation = [
-        PoolImage(c, "validation", dataset.case(c).image_path, dataset.case(c).label_path)
-        for c in val_ids
-    ]
+    preprocess = dataset.preprocess_config()
+    train_ids, val_ids = split_labeled(dataset, cfg.val_cases, seed)
+    labeled = [_pool_image(dataset.case(c), "labeled") for c in train_ids]
+    validation = [_pool_image(dataset.case(c), "validation") for c in val_ids]
     unlabeled: list[PoolImage] = []
-    if not supervised_only:
-        unlabeled += [
+    if supervised_only and (unlabeled_dirs or synthetic_dir is not None):
+        reporter.notice("--supervised-only: the unlabeled and synthetic pools are not used")
+    elif not supervised_only:
+        unlabeled = [
             PoolImage(f"unlabeled:{c.case_id}", "unlabeled", c.image_path)
             for c in dataset.unlabeled_cases
         ]
+    pools_wanted = [(d, "unlabeled") for d in unlabeled_dirs or []]
+    pools_wanted += [(synthetic_dir, "synthetic")] if synthetic_dir is not None else []
+    pools = {
+        "labeled": [p.case_id for p in labeled],
+        "validation": [p.case_id for p in validation],
+        "unlabeled": [p.case_id for p in unlabeled],
+        "folders": []
+        if supervised_only
+        else [[str(Path(d).resolve()), s] for d, s in pools_wanted],
+    }
+    facts = {"mode": mode, "pools": pools}
+    run = RunFolder.open(
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
+    )
+    if not supervised_only:
         with main_process_first(runtime):
-            for folder in unlabeled_dirs or []:
-                unlabeled += pool_from_folder(
-                    folder, "unlabeled", run_dir / "prepared", preprocess, reporter
-                )
-            if synthetic_dir is not None:
-                unlabeled += pool_from_folder(
-                    synthetic_dir, "synthetic", run_dir / "prepared", preprocess, reporter
-                )
-    elif unlabeled_dirs or synthetic_dir is not None:
-        reporter.notice("--supervised-only: the unlabeled and synthetic pools are not used")
+            for folder, source in pools_wanted:
+                prepared = run.path / PREPARED_DIR
+                unlabeled += pool_from_folder(folder, source, prepared, preprocess, run.reporter)
+    if runtime.is_main:
+        atomic_write_json(run.path / "split.json", {**pools, "unlabeled": _ids(unlabeled)})
     shape = tuple(int(n) for n in dataset.load_image(dataset.case(train_ids[0])).shape)
     spacing = dataset.spacing(dataset.case(train_ids[0]))
     if not supervised_only and len(labeled) + len(unlabeled) < 2:
         raise InputError(f"{data_dir}: DeepAtlas needs at least 2 training images, found 1")
 
     # ---- networks, losses, optimisers (same initial weights on every rank)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     seg_net = SegmentationNet.from_config(cfg).to(runtime.device)
     reg_net = None if supervised_only else RegistrationNet.from_config(cfg).to(runtime.device)
     multiple = tuple(
@@ -214,139 +176,80 @@ def train_deepatlas(
     reg_opt = torch.optim.Adam(reg_net.parameters(), lr=cfg.reg_lr) if reg_net else None
     losses = DeepAtlasLosses(cfg.lncc_kernel).to(runtime.device)
     warper = Warper().to(runtime.device)
+    stateful = {"seg_net": seg_net, "reg_net": reg_net, "seg_opt": seg_opt, "reg_opt": reg_opt}
+    run.restore(**stateful)
+    best_score = run.state["best_score"] if run.state else -math.inf
+    best_step = run.state["best_step"] if run.state else None
+    seg_ddp = run.wrap(seg_net)
+    reg_ddp = run.wrap(reg_net) if reg_net is not None else None
 
-    pools = {
-        "labeled": [p.case_id for p in labeled],
-        "validation": [p.case_id for p in validation],
-        "unlabeled": [p.case_id for p in unlabeled],
-    }
     metadata = {
         "kind": KIND,
         "mode": mode,
-        "config": to_mapping(config),
+        "config": {"seed": seed, "deepatlas": to_mapping(cfg)},
         "preprocess": to_mapping(preprocess),
         "window": list(dataset.window),
         "label_map": {str(k): v for k, v in dataset.label_map.items()},
         "train_shape": list(shape),
         "spacing": list(spacing),
-        "class_names": ["background", "wall", "tumor"],
+        "class_names": list(CLASS_NAMES),
     }
 
-    step, best_score, best_step = 0, -math.inf, None
-    if resume:
-        state = ckpt.load_training_state(state_path)
-        _check_resume(config, run_dir, mode, state)
-        if state.get("pools") != pools:
-            raise CheckpointError(
-                f"{run_dir}: cannot resume, the training images differ from the run's "
-                "(same DATA_DIR, --unlabeled and --synthetic are needed)"
-            )
-        tensors, _ = ckpt.load_weights(run_dir / ckpt.WEIGHTS_NAME, KIND)
-        _load_nets(tensors, seg_net, reg_net, run_dir / ckpt.WEIGHTS_NAME)
-        seg_opt.load_state_dict(state["seg_opt"])
-        if reg_opt is not None:
-            reg_opt.load_state_dict(state["reg_opt"])
-        step, best_score, best_step = state["step"], state["best_score"], state["best_step"]
-        ckpt.set_rng_state(state["rng"])
-        if runtime.is_main:
-            truncate_jsonl_after_step(run_dir / "metrics.jsonl", step)
-    elif runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, run_dir)
-        atomic_write_json(run_dir / "split.json", pools)
-        atomic_write_text(run_dir / "metrics.jsonl", "")
-
-    if runtime.distributed:
-        seg_net = DistributedDataParallel(seg_net)
-        if reg_net is not None:
-            reg_net = DistributedDataParallel(reg_net)
+    def write_weights(path: Path = run.path / ckpt.WEIGHTS_NAME, **extra: Any) -> None:
+        _save_weights(path, seg_net, reg_net, {**metadata, "step": run.step, **extra})
 
     images = _Images(labeled, unlabeled, cfg.cache_volumes)
     val_images = _Images(validation, [], cfg.cache_volumes)
     total = segmentation_updates(cfg, cfg.max_steps) if supervised_only else cfg.max_steps
-    started = time.perf_counter()
     last_val: dict[str, Any] = {}
-
-    task = reporter.task(f"train-deepatlas ({mode})", total=total, completed=min(step, total))
-    while step < total:
+    description = f"train-deepatlas ({mode})"
+    for step in run.steps(total, log_every=cfg.log_every, description=description, show=("loss",)):
         phase = SUPERVISED if supervised_only else phase_of(step, cfg)
-        rng = step_rng(config.seed, step, runtime.rank)
+        rng = step_rng(seed, step, runtime.rank)
         if phase in (REG_PRETRAIN, REG):
             terms = _registration_step(
-                phase, rng, images, seg_net, reg_net, reg_opt, losses, warper, cfg, runtime
+                phase, rng, images, seg_ddp, reg_ddp, reg_opt, losses, warper, cfg, runtime
             )
         else:
             terms = _segmentation_step(
-                phase, rng, images, seg_net, reg_net, seg_opt, losses, warper, cfg, runtime
+                phase, rng, images, seg_ddp, reg_ddp, seg_opt, losses, warper, cfg, runtime
             )
-        step += 1
-        if runtime.is_main and (step % cfg.log_every == 0 or step == total):
-            record = {"step": step, "phase": phase, **terms}
-            record["seconds"] = round(time.perf_counter() - started, 3)
-            append_jsonl(run_dir / "metrics.jsonl", record)
+        done = run.end_step(step, terms, phase=phase)
         # scoring only starts once F_S has been trained: an untrained net that paints "wall"
         # over a region can out-score one that predicts nothing and would be kept as "best"
-        seg_trained = supervised_only or step > cfg.reg_pretrain_steps
-        due = step % cfg.val_every == 0 or step == total
-        if runtime.is_main and val_images.items and seg_trained and due:
-            last_val = validate(
-                _unwrap(seg_net),
-                _unwrap(reg_net) if reg_net else None,
-                val_images,
-                images,
-                warper,
-                runtime,
-            )
+        seg_trained = supervised_only or done > cfg.reg_pretrain_steps
+        if runtime.is_main and val_images.items and seg_trained and run.due(done, cfg.val_every):
+            last_val = validate(seg_net, reg_net, val_images, images, warper, runtime)
             improved = last_val["dice_mean"] > best_score
             if improved:
-                best_score, best_step = last_val["dice_mean"], step
-                _save_weights(
-                    run_dir / ckpt.BEST_WEIGHTS_NAME,
-                    seg_net,
-                    reg_net,
-                    {**metadata, "step": step, "validation": last_val},
-                )
-            append_jsonl(
-                run_dir / "metrics.jsonl",
-                {"step": step, "phase": "validation", **last_val, "best": improved},
-            )
-        if runtime.is_main and (step % cfg.checkpoint_every == 0 or step == total):
-            _save_weights(run_dir / ckpt.WEIGHTS_NAME, seg_net, reg_net, {**metadata, "step": step})
-            ckpt.save_training_state(
-                state_path,
-                {
-                    "step": step,
-                    "mode": mode,
-                    "pools": pools,
-                    "seg_opt": seg_opt.state_dict(),
-                    "reg_opt": reg_opt.state_dict() if reg_opt is not None else None,
-                    "best_score": best_score,
-                    "best_step": best_step,
-                    "rng": ckpt.rng_state(),
-                },
-            )
-        task.advance(1, phase=phase, loss=terms["loss"])
-    task.close()
+                best_score, best_step = last_val["dice_mean"], done
+                write_weights(run.path / ckpt.BEST_WEIGHTS_NAME, validation=last_val)
+            run.log_validation(done, {**last_val, "best": improved})
+        if run.due(done, cfg.checkpoint_every):
+            scores = {"best_score": best_score, "best_step": best_step}
+            run.save(done, stateful, write_weights, extra=scores)
 
-    return {
-        "run_dir": str(run_dir),
-        "mode": mode,
-        "steps": step,
-        "segmentation_updates": segmentation_updates(cfg, cfg.max_steps),
-        "registration_updates": 0
-        if supervised_only
-        else cfg.max_steps - segmentation_updates(cfg, cfg.max_steps),
-        "labeled_training_cases": len(labeled),
-        "validation_cases": len(validation),
-        "unlabeled_images": sum(p.source == "unlabeled" for p in unlabeled),
-        "synthetic_images": sum(p.source == "synthetic" for p in unlabeled),
-        "best_step": best_step,
-        "best_dice_mean": None if best_step is None else best_score,
-        "last_validation": last_val,
-        "seconds": round(time.perf_counter() - started, 2),
-        "model": str(run_dir / ckpt.WEIGHTS_NAME),
-        "best": str(run_dir / ckpt.BEST_WEIGHTS_NAME) if best_step is not None else None,
-    }
+    updates = segmentation_updates(cfg, cfg.max_steps)
+    return run.summary(
+        mode=mode,
+        segmentation_updates=updates,
+        registration_updates=0 if supervised_only else cfg.max_steps - updates,
+        labeled_training_cases=len(labeled),
+        validation_cases=len(validation),
+        unlabeled_images=sum(p.source == "unlabeled" for p in unlabeled),
+        synthetic_images=sum(p.source == "synthetic" for p in unlabeled),
+        best_step=best_step,
+        best_dice_mean=None if best_step is None else best_score,
+        last_validation=last_val,
+    )
+
+
+def _pool_image(case: CaseRecord, source: str) -> PoolImage:
+    return PoolImage(case.case_id, source, case.image_path, case.label_path)
+
+
+def _ids(images: list[PoolImage]) -> list[str]:
+    return [p.case_id for p in images]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,8 +271,8 @@ def _registration_step(phase, rng, images, seg_net, reg_net, reg_opt, losses, wa
     loss = similarity + cfg.reg_weight * regularity
     terms = {"similarity": float(similarity.detach()), "regularity": float(regularity.detach())}
     if phase == REG and cfg.anatomy_weight > 0:
-        seg_m = _segmentations(moving_idx, moving, images, _unwrap(seg_net), rt)
-        seg_t = _segmentations(target_idx, target, images, _unwrap(seg_net), rt)
+        seg_m = _segmentations(moving_idx, moving, images, unwrap(seg_net), rt)
+        seg_t = _segmentations(target_idx, target, images, unwrap(seg_net), rt)
         anatomy = losses.anatomy(warper(seg_m, field), seg_t)
         loss = loss + cfg.anatomy_weight * anatomy
         terms["anatomy"] = float(anatomy)
@@ -403,7 +306,7 @@ def _segmentation_step(phase, rng, images, seg_net, reg_net, seg_opt, losses, wa
     moving = images.images(moving_idx, rt.device)
     target = images.images(target_idx, rt.device)
     with torch.no_grad(), autocast(rt.device):
-        field = _unwrap(reg_net).eval()(moving, target)
+        field = unwrap(reg_net).eval()(moving, target)
     field = field.float()
     # one forward for moving and target together (DDP allows one forward per backward)
     with autocast(rt.device):
@@ -498,16 +401,8 @@ def _nanmean(values: list[float | None]) -> float | None:
 
 
 def _save_weights(path: Path, seg_net, reg_net, metadata: dict[str, Any]) -> None:
-    tensors = {f"seg_net.{k}": v for k, v in portable_state_dict(_unwrap(seg_net)).items()}
+    tensors = {f"seg_net.{k}": v for k, v in portable_state_dict(unwrap(seg_net)).items()}
     if reg_net is not None:
-        reg = portable_state_dict(_unwrap(reg_net))
+        reg = portable_state_dict(unwrap(reg_net))
         tensors |= {f"reg_net.{k}": v for k, v in reg.items()}
     ckpt.save_weights(path, tensors, metadata)
-
-
-def _load_nets(tensors: dict[str, torch.Tensor], seg_net, reg_net, path: Path) -> None:
-    seg = {k[len("seg_net.") :]: v for k, v in tensors.items() if k.startswith("seg_net.")}
-    ckpt.load_state_dict_strict(seg_net, expand_state_dict(seg_net, seg), path)
-    if reg_net is not None:
-        reg = {k[len("reg_net.") :]: v for k, v in tensors.items() if k.startswith("reg_net.")}
-        ckpt.load_state_dict_strict(reg_net, expand_state_dict(reg_net, reg), path)

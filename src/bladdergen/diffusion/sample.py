@@ -8,6 +8,9 @@ files do not depend on the batch size, on interruptions, or on how indices are s
 Output folder::
 
     OUT/sample_00000.nii.gz ...      int16 HU volumes (X, Y, Z)
+    OUT/labels/sample_00000.nii.gz   uint8 label map in the dataset's values (0/255/128), same
+                                     geometry, when the VQ-GAN's label decoder was trained
+    OUT/checks/sample_00000.json     that label map's anatomy measurements and plausibility checks
     OUT/previews/sample_00000.png    montage of the axial slices (with previews on)
     OUT/manifest.json                settings, checkpoint hashes, one entry per sample
     OUT/config.yaml                  resolved configuration of the sampling run
@@ -18,13 +21,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from bladdergen.checkpoint import load_state_dict_strict, load_weights, resolve_weights
-from bladdergen.config import PipelineConfig, from_mapping, write_config
+from bladdergen.checkpoint import (
+    load_state_dict_strict,
+    load_weights,
+    require_metadata,
+    resolve_weights,
+)
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.data.volumes import write_nifti
 from bladdergen.diffusion.config import LDMConfig
@@ -35,13 +42,38 @@ from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.train import KIND
 from bladdergen.diffusion.unet import PseudoUNet3D, build_denoiser
 from bladdergen.errors import CheckpointError, ConfigError, InputError
-from bladdergen.fileio import atomic_write_json, sha256_file
+from bladdergen.fileio import atomic_write_json, check_output_folder, sha256_file
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, start_runtime
+from bladdergen.settings import from_mapping, to_mapping, write_yaml
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
+LABELS_DIR = "labels"
+CHECKS_DIR = "checks"
+# What sample writes into --out (anything else there is refused as unrelated).
+OWNED_OUTPUTS = (
+    "sample_*.nii.gz",
+    PREVIEW_DIR,
+    LABELS_DIR,
+    CHECKS_DIR,
+    MANIFEST_NAME,
+    "config.yaml",
+)
+# What sampling reads from a ``train-ldm`` checkpoint's metadata.
+LDM_METADATA = {
+    "config.ldm": dict,
+    "latent_shape": list,
+    "scaler": dict,
+    "window": list,
+    "affine": list,
+    "vqgan_path": str,
+    "vqgan_hash": str,
+}
+
+if TYPE_CHECKING:
+    from bladdergen.config import PipelineConfig
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -58,6 +90,7 @@ def load_ldm(path: Path, device: torch.device) -> tuple[PseudoUNet3D, dict[str, 
     """An LDM run folder or checkpoint -> (EMA denoiser in eval mode, metadata, weights file)."""
     weights_path = resolve_weights(Path(path))
     tensors, metadata = load_weights(weights_path, expected_kind=KIND, device="cpu")
+    require_metadata(metadata, weights_path, LDM_METADATA)
     try:
         ldm_config = from_mapping(LDMConfig, metadata["config"]["ldm"], f"{weights_path}: ldm")
     except (KeyError, TypeError, ConfigError) as error:
@@ -89,6 +122,13 @@ def _complete_samples(out_dir: Path, n: int, settings: dict[str, Any]) -> list[d
             "steps": settings["steps"],
             "checkpoint_sha256": settings["checkpoint_sha256"],
         }
+        label = out_dir / LABELS_DIR / f"{sample_name(i)}.nii.gz"
+        if label.is_file():
+            entry["label"] = f"{LABELS_DIR}/{label.name}"
+        checks = out_dir / CHECKS_DIR / f"{sample_name(i)}.json"
+        if checks.is_file():
+            entry["anatomy"] = json.loads(checks.read_text(encoding="utf-8"))
+            entry["plausible"] = bool(entry["anatomy"]["checks"]["plausible"])
         preview = out_dir / PREVIEW_DIR / f"{sample_name(i)}.png"
         if preview.is_file():
             entry["preview"] = f"{PREVIEW_DIR}/{preview.name}"
@@ -96,11 +136,36 @@ def _complete_samples(out_dir: Path, n: int, settings: dict[str, Any]) -> list[d
     return samples
 
 
-def _check_inputs(n: int, out_dir: Path) -> None:
+def _write_label(
+    out_dir: Path,
+    index: int,
+    classes: np.ndarray,
+    affine: np.ndarray,
+    label_map: dict[int, int] | None,
+    ranges: dict[str, list[float]],
+) -> None:
+    """The sample's label map (the dataset's values, uint8) and its anatomy checks (JSON)."""
+    from bladdergen.data.preprocess import classes_to_label_values
+    from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
+
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    measurement = measure_anatomy(classes, spacing)
+    checks = plausibility(measurement, ranges)
+    name = sample_name(index)
+    atomic_write_json(
+        out_dir / CHECKS_DIR / f"{name}.json", {"measurement": measurement, "checks": checks}
+    )
+    values = classes_to_label_values(classes, label_map)
+    write_nifti(out_dir / LABELS_DIR / f"{name}.nii.gz", values, affine, np.uint8)
+
+
+def _check_inputs(n: int, seed: int, out_dir: Path) -> None:
+    """Everything about the request that can be refused before a file is written."""
     if n < 1:
         raise InputError(f"-n: got {n}, expected at least 1 sample")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: --out is a file, expected a folder")
+    if seed < 0:
+        raise InputError(f"--seed: got {seed}, expected a whole number >= 0")
+    check_output_folder(out_dir, OWNED_OUTPUTS, "sample")
 
 
 def _settings(config: PipelineConfig, seed: int, checkpoint_hash: str, vqgan_hash: str) -> dict:
@@ -122,11 +187,19 @@ def _check_existing_manifest(path: Path, settings: dict[str, Any]) -> None:
         return
     try:
         existing = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(
             f"{path}: unreadable manifest; remove it or choose another --out"
         ) from None
-    old = existing.get("settings", {})
+    if not isinstance(existing, dict) or existing.get("format") != MANIFEST_FORMAT:
+        found = existing.get("format") if isinstance(existing, dict) else type(existing).__name__
+        raise InputError(
+            f"{path}: manifest of format {found!r}, expected {MANIFEST_FORMAT!r}; "
+            "choose another --out"
+        )
+    old = existing.get("settings")
+    if not isinstance(old, dict):
+        raise InputError(f"{path}: manifest has no settings object; choose another --out")
     for key, value in settings.items():
         if old.get(key) != value:
             raise InputError(
@@ -154,7 +227,7 @@ def sample_volumes(
 
     cfg = config.sample
     out_dir = Path(out_dir)
-    _check_inputs(n, out_dir)
+    _check_inputs(n, config.seed, out_dir)
     runtime = runtime or start_runtime(cfg.device)
     device = runtime.device
 
@@ -179,6 +252,10 @@ def sample_volumes(
     schedule = NoiseSchedule.create(ldm_config.schedule, ldm_config.timesteps)
     sampler = make_sampler(cfg.sampler, schedule, cfg.steps, cfg.clip_x0, cfg.eta)
 
+    # a VQ-GAN whose label decoder learned from labeled cases decodes each sample's labels too
+    paired = bool(vq_meta.get("labels_trained")) and vqgan.label_decoder is not None
+    label_map = {int(k): int(v) for k, v in metadata.get("label_map", {}).items()} or None
+    ranges = metadata.get("anatomy_ranges", {})
     checkpoint_hash = sha256_file(weights_path)
     settings = _settings(config, config.seed, checkpoint_hash, metadata["vqgan_hash"])
     manifest_path = out_dir / MANIFEST_NAME
@@ -199,7 +276,7 @@ def sample_volumes(
 
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, out_dir)
+        write_yaml(to_mapping(config), out_dir / "config.yaml")
         # written first too, so an interrupted folder still records its settings
         write_manifest(_complete_samples(out_dir, n, settings))
     barrier()
@@ -230,6 +307,10 @@ def sample_volumes(
                 # sample's file must not depend on its batch
                 volume = vqgan.decode(z_q[row : row + 1]).float()[0, 0].cpu().numpy()
                 hu = unit_to_hu(volume, window)  # (X, Y, Z)
+                if paired:
+                    logits = vqgan.decode_labels(z_q[row : row + 1]).float()
+                    classes = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+                    _write_label(out_dir, index, classes, affine, label_map, ranges)
                 if cfg.previews:
                     write_preview(out_dir / PREVIEW_DIR / f"{sample_name(index)}.png", hu, window)
                 # the volume is written last: its presence marks a complete sample
@@ -253,5 +334,7 @@ def sample_volumes(
         "seconds": round(seconds, 2),
         # wall time per volume of this process's share
         "seconds_per_volume": round(seconds / len(mine), 3) if mine else None,
+        "labels": paired,
+        "plausible": sum(bool(s.get("plausible")) for s in samples) if paired else None,
         "manifest": str(manifest_path),
     }

@@ -11,45 +11,38 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-from bladdergen.checkpoint import (
-    STATE_NAME,
-    WEIGHTS_NAME,
-    load_state_dict_strict,
-    load_training_state,
-    save_training_state,
-    save_weights,
-)
-from bladdergen.config import PipelineConfig, to_mapping, write_config
+from bladdergen.checkpoint import WEIGHTS_NAME, save_weights
 from bladdergen.data.dataset import PreprocessedSet
+from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.latents import LatentScaler, cached_latents
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.unet import build_denoiser
-from bladdergen.errors import CheckpointError, InputError
-from bladdergen.fileio import append_jsonl, truncate_jsonl_after_step
+from bladdergen.engine.run import RunFolder, RunKind, no_sync
+from bladdergen.errors import InputError
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import (
-    Runtime,
-    all_reduce_mean_,
     autocast,
     barrier,
     main_process_first,
     start_runtime,
 )
+from bladdergen.settings import to_mapping
 
 KIND = "ldm"
 FORMAT_VERSION = 1
-METRICS_NAME = "metrics.jsonl"
+LATENTS_DIR = "latents"
+ANATOMY_MARGIN = 0.2  # as evaluate.plausible_range_margin
+# Settings that may change between a run and its resume (they do not change what is learned).
+RESUMABLE_CHANGES = {"max_steps", "device", "log_every", "checkpoint_every", "latent_cache_dir"}
+RUN_KIND = RunKind(KIND, RESUMABLE_CHANGES, entries={LATENTS_DIR})
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -79,106 +72,80 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
                 e.copy_(p)
 
 
+def training_anatomy_ranges(dataset: PreprocessedSet) -> dict[str, list[float]]:
+    """Wall-thickness (mm) and bladder-volume (ml) ranges of the set's label maps, widened by
+    ``ANATOMY_MARGIN``: the real range a generated label map is checked against."""
+    from bladdergen.evaluate.anatomy import measure_anatomy, real_ranges
+
+    measured = [
+        measure_anatomy(dataset.load_label(case), dataset.spacing(case))
+        for case in dataset.labeled_cases
+    ]
+    return real_ranges(measured, ANATOMY_MARGIN)
+
+
 def _loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if kind == "l1":
         return F.l1_loss(prediction, target)
     return F.mse_loss(prediction, target)
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"{run_dir}: RUN_DIR is a file, expected a folder")
-    if not resume and (run_dir / STATE_NAME).exists():
-        raise InputError(
-            f"{run_dir}: already holds a training run; pass --resume to continue it "
-            "or choose a new RUN_DIR"
-        )
-
-
 def train_ldm(
-    config: PipelineConfig,
+    cfg: LDMConfig,
     data_dir: Path,
     run_dir: Path,
     vqgan_path: Path,
+    *,
+    seed: int = 0,
     resume: bool = False,
     reporter: Reporter = SILENT,
-    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Train the latent DDPM; returns a summary (steps, final loss, paths, seconds).
+    """Train the latent DDPM; returns the run summary (steps, weights, seconds, final loss).
 
     ``vqgan_path``: a ``train-vqgan`` run folder or checkpoint. Writes into ``run_dir``:
     ``config.yaml``, ``model.safetensors`` (EMA weights used by ``sample``, with the latent scaler,
-    VQ-GAN hash, window and reference geometry in its metadata), ``training_state.pt`` and
-    ``metrics.jsonl``. Raises InputError / CheckpointError for bad folders or mismatched
-    checkpoints.
+    VQ-GAN hash, window and reference geometry in its metadata), ``training_state.pt``,
+    ``metrics.jsonl``, ``curves.png`` and the latent cache. Raises InputError / CheckpointError
+    for bad folders or mismatched checkpoints, TrainingDiverged when the loss becomes non-finite.
     """
     from bladdergen.vqgan.load import load_vqgan  # the VQ-GAN stage is only needed here
 
-    cfg = config.ldm
-    run_dir = Path(run_dir)
-    _check_run_dir(run_dir, resume)
-    runtime = runtime or start_runtime(cfg.device)
+    runtime = start_runtime(cfg.device)
     device = runtime.device
-    started = time.perf_counter()
-
     dataset = PreprocessedSet.open(Path(data_dir))
     vqgan, vq_meta = load_vqgan(vqgan_path, device)
     for p in vqgan.parameters():
         p.requires_grad_(False)
     vqgan_hash = vq_meta["weights_sha256"]
-    scaler = LatentScaler(*vqgan.codebook_range())
     if tuple(dataset.window) != tuple(vq_meta.get("window", dataset.window)):
         raise InputError(
             f"{data_dir}: HU window {list(dataset.window)} differs from the VQ-GAN's "
             f"{vq_meta.get('window')} ({vq_meta['path']}); train both on the same preprocessed set"
         )
+    facts = {"the frozen VQ-GAN (weights sha256)": vqgan_hash}
+    run = RunFolder.open(
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
+    )
 
-    cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else run_dir / "latents"
+    scaler = LatentScaler(*vqgan.codebook_range())
+    cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else run.path / LATENTS_DIR
     with main_process_first(runtime):
         latents, cache_path = cached_latents(
-            vqgan, vqgan_hash, dataset, cache_dir, device, reporter if runtime.is_main else SILENT
+            vqgan, vqgan_hash, dataset, cache_dir, device, run.reporter
         )
     del vqgan  # frozen encoder no longer needed: free its memory for the denoiser
     data = scaler.to_unit(latents)  # (N, D, x, y, z) in diffusion space
     latent_shape = tuple(data.shape[1:])
 
-    seed = config.seed
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_denoiser(latent_shape[0], cfg).to(device)
     model.check_shape((1, *latent_shape))
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     schedule = NoiseSchedule.create(cfg.schedule, cfg.timesteps)
-
-    metrics_path = run_dir / METRICS_NAME
-    step = 0
-    if resume and (run_dir / STATE_NAME).is_file():
-        state = load_training_state(run_dir / STATE_NAME)
-        if state.get("kind") != KIND:
-            raise CheckpointError(f"{run_dir / STATE_NAME}: not a train-ldm training state")
-        if state.get("vqgan_hash") != vqgan_hash:
-            raise CheckpointError(
-                f"{run_dir}: was trained with a different VQ-GAN (weights hash "
-                f"{str(state.get('vqgan_hash'))[:12]}), not {vq_meta['path']} ({vqgan_hash[:12]})"
-            )
-        load_state_dict_strict(model, state["model"], run_dir / STATE_NAME)
-        load_state_dict_strict(ema, state["ema"], run_dir / STATE_NAME)
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        if runtime.is_main:
-            truncate_jsonl_after_step(metrics_path, step)
-            reporter.notice(f"resuming from step {step}")
-    elif resume and runtime.is_main:
-        reporter.notice(f"{run_dir}: nothing to resume, starting a new run")
-
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, run_dir)
-    trained = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if runtime.distributed
-        else model
-    )
+    stateful = {"model": model, "ema": ema, "optimizer": optimizer}
+    run.restore(**stateful)
+    trained = run.wrap(model)
     # each rank draws from its own share of the cases (DistributedSampler-style sharding)
     shard = torch.arange(runtime.rank, len(data), runtime.world_size)
     if len(shard) == 0:
@@ -187,7 +154,7 @@ def train_ldm(
     metadata = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
-        "config": to_mapping(config),
+        "config": {"seed": seed, "ldm": to_mapping(cfg)},
         "scaler": scaler.to_dict(),
         "latent_shape": list(latent_shape),
         "vqgan_hash": vqgan_hash,
@@ -196,84 +163,48 @@ def train_ldm(
         "volume_shape": list(vq_meta.get("volume_shape", [])),
         "affine": reference_affine(dataset).tolist(),
         "training_cases": len(dataset.cases),
+        "label_map": {str(k): int(v) for k, v in dataset.label_map.items()},
+        # what a plausible generated label map measures like (the training labels' range)
+        "anatomy_ranges": training_anatomy_ranges(dataset),
     }
 
-    def save(step_now: int) -> None:
-        state = {
-            "kind": KIND,
-            "step": step_now,
-            "vqgan_hash": vqgan_hash,
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-        }
-        save_training_state(run_dir / STATE_NAME, state)
-        save_weights(run_dir / WEIGHTS_NAME, ema.state_dict(), {**metadata, "step": step_now})
+    def write_weights() -> None:
+        save_weights(run.path / WEIGHTS_NAME, ema.state_dict(), {**metadata, "step": run.step})
 
     model.train()
-    running, running_count, last_loss = 0.0, 0, float("nan")
-    progress = reporter if runtime.is_main else SILENT
-    with progress.task("training LDM", total=cfg.max_steps, completed=step) as task:
-        while step < cfg.max_steps:
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(cfg.grad_accumulation):
-                generator = step_generator(seed, step, runtime.rank, micro)
-                pick = shard[torch.randint(len(shard), (cfg.batch_size,), generator=generator)]
-                x0 = data[pick]
-                t = torch.randint(cfg.timesteps, (cfg.batch_size,), generator=generator)
-                noise = torch.randn(x0.shape, generator=generator)
-                x0, t, noise = x0.to(device), t.to(device), noise.to(device)
-                x_t = schedule.q_sample(x0, t, noise)
-                last_micro = micro == cfg.grad_accumulation - 1
-                sync = (
-                    contextlib.nullcontext()
-                    if last_micro or not runtime.distributed
-                    else trained.no_sync()
-                )
-                with sync:
-                    with autocast(device):
-                        prediction = trained(x_t, t)
-                    loss = _loss(cfg.loss, prediction.float(), noise) / cfg.grad_accumulation
-                    loss.backward()
-                step_loss += float(loss.detach())
-            optimizer.step()
-            step += 1
-            if step % cfg.ema_every == 0:
-                if step < cfg.ema_start:
-                    ema.load_state_dict(model.state_dict())
-                else:
-                    ema_update(ema, model, cfg.ema_decay)
-            running += step_loss
-            running_count += 1
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                mean = all_reduce_mean_(torch.tensor([running / running_count]))
-                last_loss = float(mean[0])
-                running, running_count = 0.0, 0
-                if runtime.is_main:
-                    append_jsonl(
-                        metrics_path,
-                        {
-                            "step": step,
-                            "loss": last_loss,
-                            "seconds": round(time.perf_counter() - started, 3),
-                        },
-                    )
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                if runtime.is_main:
-                    save(step)
-                barrier()
-            task.advance(1, loss=step_loss)
+    for step in run.steps(cfg.max_steps, log_every=cfg.log_every, show=("loss",)):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(cfg.grad_accumulation):
+            generator = step_generator(seed, step, runtime.rank, micro)
+            pick = shard[torch.randint(len(shard), (cfg.batch_size,), generator=generator)]
+            x0 = data[pick]
+            t = torch.randint(cfg.timesteps, (cfg.batch_size,), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+            x_t = schedule.q_sample(x0, t, noise)
+            # DDP all-reduces gradients only on the last micro step of an accumulation
+            with no_sync(trained, micro < cfg.grad_accumulation - 1):
+                with autocast(device):
+                    prediction = trained(x_t, t)
+                loss = _loss(cfg.loss, prediction.float(), noise) / cfg.grad_accumulation
+                loss.backward()
+            step_loss += float(loss.detach())
+        optimizer.step()
+        if (step + 1) % cfg.ema_every == 0:
+            if step + 1 < cfg.ema_start:
+                ema.load_state_dict(model.state_dict())
+            else:
+                ema_update(ema, model, cfg.ema_decay)
+        done = run.end_step(step, {"loss": step_loss})
+        if run.due(done, cfg.checkpoint_every):
+            run.save(done, stateful, write_weights)
 
-    if runtime.is_main and not (run_dir / WEIGHTS_NAME).is_file():
-        save(step)  # max_steps reached before this call: still leave usable weights
+    if runtime.is_main and not (run.path / WEIGHTS_NAME).is_file():
+        write_weights()  # max_steps reached before this call: still leave usable weights
     barrier()
-    return {
-        "run_dir": str(run_dir),
-        "step": step,
-        "loss": last_loss,
-        "weights": str(run_dir / WEIGHTS_NAME),
-        "latent_cache": str(cache_path),
-        "latent_shape": list(latent_shape),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    return run.summary(
+        loss=run.last_logged.get("loss"),
+        latent_cache=str(cache_path),
+        latent_shape=list(latent_shape),
+    )

@@ -45,7 +45,7 @@ from bladdergen.evaluate.appearance import (
     texture_features,
 )
 from bladdergen.evaluate.config import EvaluateConfig
-from bladdergen.evaluate.inputs import HUVolume, open_hu_folder
+from bladdergen.evaluate.inputs import HUVolume, check_evaluate_out, open_hu_folder
 from bladdergen.evaluate.similarity import (
     adjacent_slice_similarity,
     ms_ssim,
@@ -155,6 +155,7 @@ def evaluate_generation(
     PNG figures to ``out_dir``; returns the headline numbers. Raises InputError for unreadable or
     empty folders.
     """
+    check_evaluate_out(out_dir)
     loaders = {}
     kinds = {}
     loaders["synthetic"], kinds["synthetic"] = open_hu_folder(synthetic_dir)

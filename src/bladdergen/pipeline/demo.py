@@ -275,7 +275,10 @@ def _train_vqgan(paths: DemoPaths, config: PipelineConfig, reporter: Reporter):
     from bladdergen.vqgan.train import train_vqgan
 
     resume = _resuming(paths.vqgan)
-    return _brief(train_vqgan(config, paths.train, paths.vqgan, resume=resume, reporter=reporter))
+    result = train_vqgan(
+        config.vqgan, paths.train, paths.vqgan, seed=config.seed, resume=resume, reporter=reporter
+    )
+    return _brief(result)
 
 
 def _train_ldm(paths: DemoPaths, config: PipelineConfig, reporter: Reporter):
@@ -283,7 +286,13 @@ def _train_ldm(paths: DemoPaths, config: PipelineConfig, reporter: Reporter):
 
     resume = _resuming(paths.ldm)
     result = train_ldm(
-        config, paths.train, paths.ldm, paths.vqgan, resume=resume, reporter=reporter
+        config.ldm,
+        paths.train,
+        paths.ldm,
+        paths.vqgan,
+        seed=config.seed,
+        resume=resume,
+        reporter=reporter,
     )
     return _brief(result)
 
@@ -305,9 +314,10 @@ def _train_deepatlas(
     run_dir = paths.baseline if supervised_only else paths.deepatlas
     resume = _resuming(run_dir)
     result = train_deepatlas(
-        config,
+        config.deepatlas,
         paths.train,
         run_dir,
+        seed=config.seed,
         synthetic_dir=None if supervised_only else paths.synthetic,
         supervised_only=supervised_only,
         resume=resume,

@@ -13,18 +13,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.fileio import atomic_path, atomic_write_json
+from bladdergen.data.intensity import unit_to_hu
+from bladdergen.data.volumes import write_nifti
+from bladdergen.fileio import atomic_write_json, check_inside, check_output_folder, json_safe
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import resolve_device
 from bladdergen.vqgan.load import load_vqgan
 
 DATA_RANGE = 2.0  # intensities live in [-1, 1]
+SUMMARY_NAME = "reconstruct.json"
+OWNED_OUTPUTS = ("images", SUMMARY_NAME)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,13 +71,17 @@ def reconstruct_set(
 ) -> dict[str, Any]:
     """Reconstruct every case of ``data_dir`` with the VQ-GAN at ``vqgan`` (run folder or file).
 
-    With ``out_dir``: writes ``out_dir/images/<case>.nii.gz`` (reconstructions, input geometry)
-    and ``out_dir/reconstruct.json`` (the returned summary). Raises InputError / CheckpointError
-    for a bad data folder, a bad checkpoint, or volumes the model cannot take.
+    With ``out_dir``: writes ``out_dir/images/<case>.nii.gz`` (reconstructions in HU with the set's
+    window, int16, input geometry) and ``out_dir/reconstruct.json`` (the returned summary; an
+    infinite PSNR of an exact copy is null there). ``out_dir`` must be new, empty or an earlier
+    reconstruct output. Raises InputError / CheckpointError for a bad data folder, a bad
+    checkpoint, an unusable output folder, or volumes the model cannot take.
     """
+    if out_dir is not None:
+        check_output_folder(Path(out_dir), OWNED_OUTPUTS, "reconstruct")
+    dataset = PreprocessedSet.open(Path(data_dir))
     torch_device = resolve_device(device)
     model, metadata = load_vqgan(Path(vqgan), device=torch_device)
-    dataset = PreprocessedSet.open(Path(data_dir))
     factors = tuple(model.config.downsample)
     counts = torch.zeros(model.config.n_codes, dtype=torch.long)
     cases = []
@@ -100,11 +107,9 @@ def reconstruct_set(
             }
             cases.append(record)
             if out_dir is not None:
-                _write_nifti(
-                    Path(out_dir) / "images" / f"{case.case_id}.nii.gz",
-                    x_hat[0, 0].cpu().numpy(),
-                    dataset.affine(case),
-                )
+                target = check_inside(out_dir, Path(out_dir) / "images" / f"{case.case_id}.nii.gz")
+                hu = unit_to_hu(x_hat[0, 0].cpu().numpy(), dataset.window)
+                write_nifti(target, hu, dataset.affine(case), np.int16)
             task.advance(1, psnr=record["psnr"])
     probs = counts.double() / counts.sum()
     nonzero = probs[probs > 0]
@@ -128,14 +133,9 @@ def reconstruct_set(
         "cases": cases,
     }
     if out_dir is not None:
-        atomic_write_json(Path(out_dir) / "reconstruct.json", summary)
+        atomic_write_json(Path(out_dir) / SUMMARY_NAME, json_safe(summary))
     return summary
 
 
 def _mean(cases: list[dict[str, Any]], key: str) -> float:
     return float(np.mean([c[key] for c in cases]))
-
-
-def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        nib.save(nib.Nifti1Image(array.astype(np.float32), affine), str(tmp))

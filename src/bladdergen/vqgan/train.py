@@ -8,32 +8,19 @@ so the run continues exactly (on CPU: bit-identical to an uninterrupted run).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
+import torch.nn.functional as F
 
-from bladdergen.checkpoint import (
-    STATE_NAME,
-    WEIGHTS_NAME,
-    load_training_state,
-    rng_state,
-    save_training_state,
-    set_rng_state,
-)
-from bladdergen.config import PipelineConfig, config_from_yaml_file, to_mapping, write_config
+from bladdergen.checkpoint import WEIGHTS_NAME
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.errors import CheckpointError, InputError
-from bladdergen.fileio import (
-    append_jsonl,
-    atomic_write_with,
-    truncate_jsonl_after_step,
-)
+from bladdergen.engine.run import RunFolder, RunKind, no_sync, unwrap
+from bladdergen.errors import InputError
+from bladdergen.fileio import atomic_write_with
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, autocast, seed_everything, start_runtime
 from bladdergen.vqgan.config import VQGANConfig
@@ -47,33 +34,41 @@ from bladdergen.vqgan.losses import (
 )
 from bladdergen.vqgan.model import VQGAN
 
-METRICS_NAME = "metrics.jsonl"
+KIND = "vqgan"
 IMAGES_DIR = "images"
 # Settings that may change between a run and its resume (they do not change what is learned).
 RESUMABLE_CHANGES = {"max_steps", "device", "log_every", "checkpoint_every", "image_every"}
+RUN_KIND = RunKind(KIND, RESUMABLE_CHANGES, entries={IMAGES_DIR})
 
 
-def load_volumes(data_dir: Path) -> tuple[torch.Tensor, PreprocessedSet]:
-    """All images of a preprocessed set as one (N, 1, X, Y, Z) float32 CPU tensor in [-1, 1]."""
+UNLABELED = -1  # label voxels of cases without a label map
+
+
+def load_volumes(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, PreprocessedSet]:
+    """All cases of a preprocessed set: images (N, 1, X, Y, Z) float32 in [-1, 1], labels
+    (N, 1, X, Y, Z) int64 classes 0/1/2 (``UNLABELED`` everywhere for an unlabeled case), CPU."""
     dataset = PreprocessedSet.open(Path(data_dir))
-    arrays = []
+    images, labels = [], []
     for case in dataset.cases:
         image = dataset.load_image(case)
-        if arrays and image.shape != arrays[0].shape:
+        if images and image.shape != images[0].shape:
             raise InputError(
                 f"{case.image_path}: shape {list(image.shape)} differs from the set's "
-                f"{list(arrays[0].shape)}; expected one shape (run `bladdergen preprocess`)"
+                f"{list(images[0].shape)}; expected one shape (run `bladdergen preprocess`)"
             )
-        arrays.append(image)
-    volumes = torch.from_numpy(np.stack(arrays)[:, None]).float()
-    return volumes, dataset
+        images.append(image)
+        label = dataset.load_label(case).astype(np.int64) if case.labeled else None
+        labels.append(label if label is not None else np.full(image.shape, UNLABELED, np.int64))
+    volumes = torch.from_numpy(np.stack(images)[:, None]).float()
+    return volumes, torch.from_numpy(np.stack(labels)[:, None]), dataset
 
 
 def batch_plan(seed: int, step: int, n_cases: int, global_batch: int, depth: int) -> dict:
     """The global batch of ``step``, derived from (seed, step) only, so resume needs no sampler state.
 
     Cases are visited in a fresh random order every epoch. Returns ``indices`` (G,), ``flips``
-    (G, 3) bools for X/Y/Z flips, and ``slices`` (G,) axial slice indices for the 2D losses.
+    (G,) bools for left-right (X) mirroring, and ``slices`` (G,) axial slice indices for the 2D
+    losses.
     """
     positions = [step * global_batch + j for j in range(global_batch)]
     orders: dict[int, torch.Tensor] = {}
@@ -85,39 +80,17 @@ def batch_plan(seed: int, step: int, n_cases: int, global_batch: int, depth: int
             orders[epoch] = torch.randperm(n_cases, generator=generator)
         indices.append(int(orders[epoch][position % n_cases]))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 * (step + 1))
-    flips = torch.rand(global_batch, 3, generator=generator) < 0.5
+    flips = torch.rand(global_batch, generator=generator) < 0.5
     slices = torch.randint(depth, (global_batch,), generator=generator)
     return {"indices": torch.tensor(indices), "flips": flips, "slices": slices}
 
 
 def _augment(volumes: torch.Tensor, flips: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """Random flips along X, Y, Z per volume (B, 1, X, Y, Z)."""
+    """Left-right (X) mirroring per volume (B, C, X, Y, Z) where ``flips`` (B,) is set; images and
+    their labels get the same flips. Y and Z are never flipped: no scanner makes those anatomies."""
     if not enabled:
         return volumes
-    out = []
-    for volume, flip in zip(volumes, flips, strict=True):
-        axes = [axis + 1 for axis in range(3) if bool(flip[axis])]
-        out.append(volume.flip(axes) if axes else volume)
-    return torch.stack(out)
-
-
-def _check_resumable(run_dir: Path, config: PipelineConfig) -> None:
-    """The run folder's recorded config must match the current one (except RESUMABLE_CHANGES)."""
-    recorded_path = run_dir / "config.yaml"
-    if not recorded_path.is_file():
-        raise CheckpointError(f"{recorded_path}: missing; cannot check the run before resuming")
-    recorded = config_from_yaml_file(recorded_path)
-    if recorded.seed != config.seed:
-        raise CheckpointError(
-            f"{recorded_path}: run used seed {recorded.seed}, current config has {config.seed}"
-        )
-    old, new = to_mapping(recorded.vqgan), to_mapping(config.vqgan)
-    for key in old:
-        if key not in RESUMABLE_CHANGES and old[key] != new[key]:
-            raise CheckpointError(
-                f"{recorded_path}: vqgan.{key} was {old[key]!r} in the run, now {new[key]!r}; "
-                "resume with the run's settings or start a new run folder"
-            )
+    return torch.stack([v.flip(1) if bool(f) else v for v, f in zip(volumes, flips, strict=True)])
 
 
 def _save_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -148,45 +121,30 @@ def learning_rate(cfg: VQGANConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _no_sync(module: torch.nn.Module, active: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` when ``active`` (accumulating), else nothing."""
-    return module.no_sync() if active else contextlib.nullcontext()
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def train_vqgan(
-    config: PipelineConfig,
+    cfg: VQGANConfig,
     data_dir: Path,
     run_dir: Path,
+    *,
+    seed: int = 0,
     resume: bool = False,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
     """Train the 3D VQ-GAN on a preprocessed set; write checkpoints and logs into ``run_dir``.
 
-    Returns a summary dict (steps, final losses, code usage, codebook range, paths). Raises
-    InputError for a bad data folder, CheckpointError for a run folder that cannot be resumed.
+    Returns the run summary (steps, weights, seconds) with the code usage, codebook range, latent
+    shape and final losses. Raises InputError for a bad data or run folder, CheckpointError for a
+    run that cannot be resumed, TrainingDiverged when a loss becomes non-finite.
     """
-    cfg: VQGANConfig = config.vqgan
-    run_dir = Path(run_dir)
     runtime = start_runtime(cfg.device)
-    volumes, dataset = load_volumes(Path(data_dir))
+    volumes, labels, dataset = load_volumes(Path(data_dir))
+    labels_trained = cfg.label_head and bool((labels != UNLABELED).any())
     volume_shape = tuple(volumes.shape[2:])
+    run = RunFolder.open(
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter
+    )
 
-    state_path = run_dir / STATE_NAME
-    if resume:
-        if not state_path.is_file():
-            raise CheckpointError(f"{state_path}: no training state to resume from")
-        _check_resumable(run_dir, config)
-    elif state_path.exists() or (run_dir / WEIGHTS_NAME).exists():
-        raise InputError(
-            f"{run_dir}: already holds a VQ-GAN run; pass --resume to continue it or choose a "
-            "new run folder"
-        )
-
-    seed_everything(config.seed + runtime.rank)
+    seed_everything(seed + runtime.rank)
     model = VQGAN(cfg).to(runtime.device)
     model.latent_shape(volume_shape)  # fail early on a shape the model cannot take
     disc2d = slice_discriminator(cfg).to(runtime.device)
@@ -198,107 +156,90 @@ def train_vqgan(
     perceptual = perceptual_loss(cfg.perceptual_weights) if cfg.perceptual_weight > 0 else None
     if perceptual is not None:
         perceptual = perceptual.to(runtime.device)
-    elif cfg.perceptual_weight > 0 and runtime.is_main:
-        reporter.notice(
+    elif cfg.perceptual_weight > 0:
+        run.reporter.notice(
             "perceptual loss is off: vqgan.perceptual_weights is not set (needs a local "
             "torchvision ResNet-50 state dict; nothing is downloaded)"
         )
     adversarial = AdversarialLoss(cfg.gan_loss)
+    stateful = {
+        "model": model,
+        "disc2d": disc2d,
+        "disc3d": disc3d,
+        "opt_ae": opt_ae,
+        "opt_d": opt_d,
+    }
+    run.restore(**stateful)
+    # The codebook syncs its own buffers (all-reduced EMA statistics), so DDP need not.
+    nets = (run.wrap(model, broadcast_buffers=False), run.wrap(disc2d), run.wrap(disc3d))
 
-    start_step = 0
-    if resume:
-        state = load_training_state(state_path)
-        try:
-            model.load_state_dict(state["model"])
-            disc2d.load_state_dict(state["disc2d"])
-            disc3d.load_state_dict(state["disc3d"])
-            opt_ae.load_state_dict(state["opt_ae"])
-            opt_d.load_state_dict(state["opt_d"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            detail = str(error).strip().splitlines()[0][:200]
-            raise CheckpointError(
-                f"{state_path}: training state does not match the configured model ({detail})"
-            ) from None
-        start_step = int(state["step"])
-        rng = state["rng"][runtime.rank] if runtime.rank < len(state["rng"]) else state["rng"][0]
-        set_rng_state(rng)
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, run_dir)
-        truncate_jsonl_after_step(run_dir / METRICS_NAME, start_step)
-
-    if runtime.distributed:
-        # The codebook syncs its own buffers (all-reduced EMA statistics), so DDP need not.
-        ddp_model = DistributedDataParallel(model, broadcast_buffers=False)
-        ddp_disc2d = DistributedDataParallel(disc2d)
-        ddp_disc3d = DistributedDataParallel(disc3d)
-    else:
-        ddp_model, ddp_disc2d, ddp_disc3d = model, disc2d, disc3d
+    def write_weights() -> None:
+        save_vqgan(
+            run.path / WEIGHTS_NAME,
+            model,
+            step=run.step,
+            window=dataset.window,
+            volume_shape=volume_shape,
+            code_usage=_code_usage(model, volumes, runtime.device),
+            extra={
+                "data_dir": str(dataset.root),
+                "n_cases": len(dataset.cases),
+                "labels_trained": labels_trained,
+            },
+        )
 
     model.train()
     disc2d.train()
     disc3d.train()
     global_batch = cfg.batch_size * runtime.world_size * cfg.grad_accumulation
-    metrics: dict[str, float] = {}
-    started = time.perf_counter()
-    with reporter.task("train-vqgan", total=cfg.max_steps, completed=start_step) as task:
-        for step in range(start_step, cfg.max_steps):
-            plan = batch_plan(config.seed, step, len(volumes), global_batch, volume_shape[2])
-            metrics = _train_step(
-                step,
-                plan,
-                volumes,
-                cfg,
-                runtime,
-                (ddp_model, ddp_disc2d, ddp_disc3d),
-                (opt_ae, opt_d),
-                perceptual,
-                adversarial,
-                run_dir,
-            )
-            done = step + 1
-            if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
-                record = {"step": done, **metrics}
-                record["seconds"] = round(time.perf_counter() - started, 3)
-                append_jsonl(run_dir / METRICS_NAME, record)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                _save_checkpoint(
-                    run_dir, done, model, disc2d, disc3d, opt_ae, opt_d, runtime, dataset, volumes
-                )
-            task.advance(
-                1,
-                l1=metrics["l1"],
-                perplexity=metrics["perplexity"],
-                used=metrics["used_fraction"],
-            )
+    metrics: dict[str, Any] = {}
+    show = ("l1", "perplexity", "used_fraction")
+    for step in run.steps(cfg.max_steps, log_every=cfg.log_every, show=show):
+        plan = batch_plan(seed, step, len(volumes), global_batch, volume_shape[2])
+        metrics = _train_step(
+            step,
+            plan,
+            (volumes, labels),
+            cfg,
+            runtime,
+            nets,
+            (opt_ae, opt_d),
+            perceptual,
+            adversarial,
+        )
+        views = metrics.pop("_views")
+        if runtime.is_main and (step + 1) % cfg.image_every == 0:
+            _save_preview(run.path / IMAGES_DIR / f"step_{step + 1:07d}.png", *views)
+        done = run.end_step(step, metrics)
+        if run.due(done, cfg.checkpoint_every):
+            run.save(done, stateful, write_weights)
+
     low, high = model.codebook_range()
-    return {
-        "run_dir": str(run_dir),
-        "weights": str(run_dir / WEIGHTS_NAME),
-        "start_step": start_step,
-        "steps": max(cfg.max_steps, start_step),
-        "seconds": round(time.perf_counter() - started, 2),
-        "code_usage": _code_usage(model, volumes, runtime.device),
-        "codebook_min": low,
-        "codebook_max": high,
-        "latent_shape": list(model.latent_shape(volume_shape)),
-        "final_metrics": metrics,
-    }
+    return run.summary(
+        code_usage=_code_usage(model, volumes, runtime.device),
+        codebook_min=low,
+        codebook_max=high,
+        latent_shape=list(model.latent_shape(volume_shape)),
+        final_metrics=metrics,
+    )
 
 
 def _train_step(
     step: int,
     plan: dict,
-    volumes: torch.Tensor,
+    data: tuple[torch.Tensor, torch.Tensor],
     cfg: VQGANConfig,
     runtime: Runtime,
     models: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
     optimisers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
     perceptual,
     adversarial: AdversarialLoss,
-    run_dir: Path,
-) -> dict[str, float]:
-    """One optimiser step of the autoencoder and (after ``disc_start``) of the discriminators."""
+) -> dict[str, Any]:
+    """One optimiser step of the autoencoder and (after ``disc_start``) of the discriminators.
+
+    Returns the mean loss terms (floats) and, under ``_views``, the last micro-batch's input and
+    reconstruction for the preview picture.
+    """
     model, disc2d, disc3d = models
     opt_ae, opt_d = optimisers
     gan_on = step >= cfg.disc_start
@@ -309,25 +250,37 @@ def _train_step(
         # This rank's share of the global batch for this micro step.
         first = (micro * runtime.world_size + runtime.rank) * cfg.batch_size
         pick = slice(first, first + cfg.batch_size)
-        x = _augment(volumes[plan["indices"][pick]], plan["flips"][pick], cfg.flip_augmentation)
-        x = x.to(runtime.device)
+        volumes, labels = data
+        both = torch.cat([volumes[plan["indices"][pick]], labels[plan["indices"][pick]].float()], 1)
+        both = _augment(both, plan["flips"][pick], cfg.flip_augmentation).to(runtime.device)
+        x, y = both[:, :1], both[:, 1:].long()  # image (B, 1, ...) and classes (B, 1, ...)
         slices = plan["slices"][pick]
         # DDP all-reduces gradients only on the last micro step of an accumulation.
         skip_sync = runtime.distributed and micro < cfg.grad_accumulation - 1
 
         # ---- autoencoder ----
-        with _no_sync(model, skip_sync), autocast(runtime.device):
+        with no_sync(model, skip_sync), autocast(runtime.device):
             out = model(x)
-            l1 = (out.x_hat.float() - x).abs().mean()
+            error = (out.x_hat.float() - x).abs()
+            l1 = error.mean()
             loss = cfg.l1_weight * l1 + cfg.commitment_weight * out.commitment
             terms = {"l1": l1, "commitment": out.commitment}
+            structures = (y == 1) | (y == 2)  # wall and tumor of labeled cases
+            if cfg.region_weight > 0 and structures.any():
+                region = error[structures].mean()
+                loss = loss + cfg.region_weight * region
+                terms["l1_wall_tumor"] = region
+            if out.label_logits is not None:
+                label_loss = label_head_loss(out.label_logits.float(), y)
+                loss = loss + cfg.label_weight * label_loss
+                terms["label_loss"] = label_loss
             if perceptual is not None:
                 p = perceptual(pick_slices(out.x_hat.float(), slices), pick_slices(x, slices))
                 loss = loss + cfg.perceptual_weight * p
                 terms["perceptual"] = p
             if gan_on:
                 # The unwrapped discriminators: only the autoencoder learns from this loss.
-                d2, d3 = _unwrap(disc2d), _unwrap(disc3d)
+                d2, d3 = unwrap(disc2d), unwrap(disc3d)
                 d2.requires_grad_(False)
                 d3.requires_grad_(False)
                 fake2d = d2(pick_slices(out.x_hat, slices))
@@ -354,8 +307,8 @@ def _train_step(
         if gan_on:
             x_hat = out.x_hat.detach()
             with (
-                _no_sync(disc2d, skip_sync),
-                _no_sync(disc3d, skip_sync),
+                no_sync(disc2d, skip_sync),
+                no_sync(disc3d, skip_sync),
                 autocast(runtime.device),
             ):
                 real2d = disc2d(pick_slices(x, slices))[-1].float()
@@ -372,66 +325,43 @@ def _train_step(
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accumulation
 
-    torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.grad_clip)
     sums["lr"] = learning_rate(cfg, step)
     for group in opt_ae.param_groups:
         group["lr"] = sums["lr"]
     opt_ae.step()
     if gan_on:
-        params = [*_unwrap(disc2d).parameters(), *_unwrap(disc3d).parameters()]
+        params = [*unwrap(disc2d).parameters(), *unwrap(disc3d).parameters()]
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt_d.step()
-    if runtime.is_main and (step + 1) % cfg.image_every == 0:
-        _save_preview(run_dir / IMAGES_DIR / f"step_{step + 1:07d}.png", x, out.x_hat)
-    return sums
+    return {**sums, "_views": (x.detach(), out.x_hat.detach())}
 
 
-def _save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: VQGAN,
-    disc2d: torch.nn.Module,
-    disc3d: torch.nn.Module,
-    opt_ae: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    runtime: Runtime,
-    dataset: PreprocessedSet,
-    volumes: torch.Tensor,
-) -> None:
-    """Training state first (what resume reads), then the safetensors weights; rank 0 writes.
+def label_head_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + foreground soft Dice of label logits (B, 3, X, Y, Z) against classes
+    (B, 1, X, Y, Z), over labeled voxels only (``UNLABELED`` ignored).
 
-    Every rank's RNG state is gathered so a resumed DDP run continues each rank's stream.
+    The Dice is over the whole batch and only wall and tumor, so a tumor of 0.1% of the voxels
+    still weighs as much as the wall. Always part of the graph (zero when nothing is labeled), so
+    DDP sees the label decoder used on every rank.
     """
-    states = [rng_state()]
-    if runtime.distributed:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * runtime.world_size
-        dist.all_gather_object(gathered, states[0])
-        states = gathered
-    if not runtime.is_main:
-        return
-    save_training_state(
-        run_dir / STATE_NAME,
-        {
-            "step": step,
-            "model": model.state_dict(),
-            "disc2d": disc2d.state_dict(),
-            "disc3d": disc3d.state_dict(),
-            "opt_ae": opt_ae.state_dict(),
-            "opt_d": opt_d.state_dict(),
-            "rng": states,
-        },
-    )
-    save_vqgan(
-        run_dir / WEIGHTS_NAME,
-        model,
-        step=step,
-        window=dataset.window,
-        volume_shape=tuple(volumes.shape[2:]),
-        code_usage=_code_usage(model, volumes, runtime.device),
-        extra={"data_dir": str(dataset.root), "n_cases": len(dataset.cases)},
-    )
+    known = classes[:, 0] != UNLABELED  # (B, X, Y, Z)
+    target = classes[:, 0].clamp(min=0)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    loss = (ce * known).sum() / known.sum().clamp(min=1)
+    probs = torch.softmax(logits, dim=1)
+    weight = known[:, None].float()
+    hot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
+    dice_terms = []
+    for c in range(1, logits.shape[1]):
+        truth = hot[:, c : c + 1] * weight
+        if truth.sum() == 0:
+            continue  # a class absent from the batch: Dice would only punish predicting it
+        p = probs[:, c : c + 1] * weight
+        dice_terms.append(1 - 2 * (p * truth).sum() / (p.sum() + truth.sum() + 1e-5))
+    if dice_terms:
+        loss = loss + torch.stack(dice_terms).mean()
+    return loss
 
 
 @torch.no_grad()
