@@ -818,7 +818,12 @@ def stage_sample_command(ctx: Context) -> dict[str, Any]:
             "reason": f"time budget: estimated {estimate:.0f} s, {max(left, 0):.0f} s left",
         }
     else:
-        full, full_wall = run(n)
+        try:
+            full, full_wall = run(n)
+        except Exception as error:  # noqa: BLE001 - keep the batch measurement above
+            result["measured_run"] = {"status": "error", "reason": f"{type(error).__name__}: "}
+            result["measured_run"]["reason"] += str(error).strip().splitlines()[0][:300]
+            return result
         result["measured_run"] = {
             "status": "ok",
             "volumes": n,
