@@ -343,6 +343,9 @@ def _params_m(*modules: torch.nn.Module) -> float:
 # Stages
 
 
+VQGAN_TERMS = ("loss_ae", "loss_d", "l1", "l1_wall_tumor", "label_loss", "commitment", "g_2d")
+
+
 def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
     """VQ-GAN optimiser steps at ``batch`` with both discriminators on (trainer's _train_step)."""
     from bladdergen.vqgan import train as vqgan_train
@@ -371,8 +374,10 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
     model.train()
     disc2d.train()
     disc3d.train()
-    images, _ = _blob_volumes(ctx.volume_shape, max(2, batch), ctx.config.seed)
-    volumes = torch.from_numpy(images)[:, None]  # (N, 1, X, Y, Z) on the CPU, as in the trainer
+    images, labels = _blob_volumes(ctx.volume_shape, max(2, batch), ctx.config.seed)
+    # (N, 1, X, Y, Z) on the CPU, as in the trainer: images in [-1, 1], int64 classes 0/1/2
+    volumes = torch.from_numpy(images)[:, None]
+    classes = torch.from_numpy(labels.astype(np.int64))[:, None]
     step = cfg.disc_start  # past the discriminator start: the full GAN step
 
     def one_step() -> dict[str, float]:
@@ -383,15 +388,15 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
         metrics = vqgan_train._train_step(
             step,
             plan,
-            volumes,
+            (volumes, classes),
             cfg,
             ctx.runtime,
             (model, disc2d, disc3d),
             (opt_ae, opt_d),
             perceptual,
             adversarial,
-            ctx.work_dir,
         )
+        metrics.pop("_views", None)  # the preview picture's tensors: not kept across steps
         step += 1
         return metrics
 
@@ -407,6 +412,7 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
             "latent": list(model.latent_shape(ctx.volume_shape)),
             "dtype": ctx.dtype,
             "activation_checkpointing": cfg.activation_checkpointing,
+            "label_head": cfg.label_head,
             "discriminators": "2D slice + 3D volume, on (step >= disc_start)",
             "perceptual": "on"
             if perceptual is not None
@@ -418,9 +424,7 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
             "n_codes": cfg.n_codes,
             "search_chunk": cfg.search_chunk,
         },
-        "losses": _finite(
-            {k: metrics[k] for k in ("loss_ae", "loss_d", "l1", "commitment") if k in metrics}
-        ),
+        "losses": _finite({k: metrics[k] for k in VQGAN_TERMS if k in metrics}),
     }
 
 
@@ -664,6 +668,7 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
     denoiser.to(device)
     window = ctx.config.preprocess.window
     batch = ctx.config.sample.batch_size
+    paired = vqgan.label_decoder is not None
     split = {"denoise_s": [], "decode_s": []}
     first = 0
     warmed = False
@@ -694,6 +699,9 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
             hu = unit_to_hu(volume, window)
             if not np.isfinite(hu).all():
                 raise FloatingPointError("decoded volume is not finite")
+            if paired:  # a VQ-GAN trained with labels decodes each sample's label map too
+                logits = vqgan.decode_labels(z_q[row : row + 1]).float()
+                logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
         ctx.sync()
         split["denoise_s"].append(middle - started)
         split["decode_s"].append(time.perf_counter() - middle)
@@ -719,7 +727,8 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
             "batch": batch,
             "sampler": f"{ctx.config.sample.sampler}-{len(sampler.timesteps)}",
             "dtype": ctx.dtype + " denoiser, float32 decode (as sample_volumes)",
-            "includes": "noise, sampler, nearest codes, decode, HU; no file writing",
+            "label_decoder": paired,
+            "includes": "noise, sampler, nearest codes, decode (+ labels), HU; no file writing",
             "warmup": "one batch with a 1-step sampler",
         },
     }
@@ -737,7 +746,17 @@ def _save_sampling_checkpoints(ctx: Context, root: Path) -> tuple[Path, Path]:
     vq_dir, ldm_dir = root / "vqgan", root / "ldm"
     vq_dir.mkdir(parents=True, exist_ok=True)
     ldm_dir.mkdir(parents=True, exist_ok=True)
-    vq_meta = save_vqgan(vq_dir / WEIGHTS_NAME, vqgan, 0, window, ctx.volume_shape, code_usage=0.0)
+    # labels_trained: as a run on labeled cases would be, so sample also decodes and writes labels
+    labels_trained = vqgan.label_decoder is not None
+    vq_meta = save_vqgan(
+        vq_dir / WEIGHTS_NAME,
+        vqgan,
+        0,
+        window,
+        ctx.volume_shape,
+        code_usage=0.0,
+        extra={"labels_trained": labels_trained},
+    )
     spacing = 400.0 / ctx.volume_shape[0]
     metadata = {
         "kind": LDM_KIND,
@@ -751,6 +770,8 @@ def _save_sampling_checkpoints(ctx: Context, root: Path) -> tuple[Path, Path]:
         "volume_shape": list(ctx.volume_shape),
         "affine": np.diag([spacing, spacing, 4.0, 1.0]).tolist(),
         "training_cases": 0,
+        "label_map": {str(k): int(v) for k, v in ctx.config.preprocess.label_map.items()},
+        "anatomy_ranges": {},  # no training set: every anatomy check is reported unranged
         "step": 0,
     }
     save_weights(ldm_dir / WEIGHTS_NAME, denoiser.state_dict(), metadata)
@@ -806,7 +827,9 @@ def stage_sample_command(ctx: Context) -> dict[str, Any]:
             "batch": batch,
             "sampler": f"{summary['sampler']}-{summary['steps']}",
             "previews": ctx.config.sample.previews,
-            "includes": "sample_volumes: checkpoint load + hash, sampling, NIfTI + PNG writing",
+            "labels": summary.get("labels"),
+            "includes": "sample_volumes: checkpoint load + hash, sampling, NIfTI + PNG writing "
+            "(+ label maps and anatomy checks with a label decoder)",
         },
     }
     left = ctx.seconds_left()
