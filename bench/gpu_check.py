@@ -140,6 +140,7 @@ class MemoryProbe:
             gc.collect()
             _release_freed_memory()
             self.baseline_kib = _proc_status_kib("VmRSS") or 0
+            _reset_peak_rss()  # else the warm-up peak would include earlier stages' peaks
 
     def warmed_up(self) -> None:
         """Keep the warm-up's own peak (first-step allocations: Adam state, codebook init), then
