@@ -280,12 +280,24 @@ class RunFolder:
         self.log(step, {"phase": "validation", **record})
 
     def _window_means(self) -> dict[str, float]:
+        """Each term's mean over the window's steps and over all ranks. A term may be missing on
+        some ranks (e.g. a loss only defined on labeled batches), so the ranks first agree on the
+        names, then sum values and counts."""
         keys = sorted(self._window)
-        sums = torch.tensor([sum(self._window[k]) / len(self._window[k]) for k in keys])
+        if self.runtime.distributed:
+            gathered: list[Any] = [None] * self.runtime.world_size
+            dist.all_gather_object(gathered, keys)
+            keys = sorted({k for rank_keys in gathered for k in rank_keys})
+        sums = torch.tensor(
+            [float(sum(self._window.get(k, []))) for k in keys], dtype=torch.float64
+        )
+        counts = torch.tensor(
+            [float(len(self._window.get(k, []))) for k in keys], dtype=torch.float64
+        )
         if self.runtime.distributed and keys:
             all_reduce_sum_(sums)
-            sums /= self.runtime.world_size
-        return {k: float(v) for k, v in zip(keys, sums, strict=True)}
+            all_reduce_sum_(counts)
+        return {k: float(s / c) for k, s, c in zip(keys, sums, counts, strict=True) if c > 0}
 
     def _resumed_step(self) -> int:
         return int(self.state["step"]) if self.state is not None else 0
