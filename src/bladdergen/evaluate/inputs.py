@@ -155,8 +155,8 @@ def read_label_folder(folder: Path) -> tuple[dict[str, LabelVolume], str]:
         seen.setdefault(convention, path.name)
         if convention == "dataset":
             classes = np.zeros(raw.shape, np.uint8)
-            classes[raw == 255] = 1
-            classes[raw == 128] = 2
+            for value, class_index in DATASET_TO_CLASS.items():
+                classes[raw == value] = class_index
         else:
             classes = raw.astype(np.uint8)
         volumes[case_id] = LabelVolume(
