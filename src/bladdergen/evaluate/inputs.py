@@ -56,6 +56,8 @@ def list_nifti(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or not path.name.endswith(NIFTI_SUFFIXES):
             continue
+        if path.name.startswith("."):
+            continue  # temporary files of atomic writes, left by a killed run
         case_id = case_id_of(path)
         if case_id in found:
             raise InputError(
