@@ -160,12 +160,11 @@ def test_kill_9_between_checkpoints_then_resume_gives_bit_identical_weights(
     kind, inputs, uninterrupted, tmp_path
 ):
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        _command(kind, inputs, run_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            _command(kind, inputs, run_dir), stdout=subprocess.DEVNULL, stderr=stderr, env=_env()
+        )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
@@ -175,7 +174,7 @@ def test_kill_9_between_checkpoints_then_resume_gives_bit_identical_weights(
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {log.read_text()[-2000:]}"
     assert load_training_state(run_dir / "training_state.pt")["step"] < 24
 
     assert _run(kind, inputs, run_dir, "--resume").returncode == 0

@@ -42,7 +42,7 @@ from bladdergen.deepatlas.pairs import (
 )
 from bladdergen.deepatlas.pools import PoolImage, VolumeCache, pool_from_folder, split_labeled
 from bladdergen.deepatlas.segment import dice_per_class, predict_classes
-from bladdergen.engine.run import RunFolder, unwrap
+from bladdergen.engine.run import RunFolder, RunKind, unwrap
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_json
 from bladdergen.progress import SILENT, Reporter
@@ -55,6 +55,7 @@ MODE_DEEPATLAS, MODE_SUPERVISED = "deepatlas", "supervised-only"
 RESUMABLE_KEYS = {"max_steps", "device", "val_every", "checkpoint_every", "log_every"}
 RESUMABLE_KEYS |= {"cache_volumes", "sw_overlap"}
 PREPARED_DIR = "prepared"
+RUN_KIND = RunKind(KIND, RESUMABLE_KEYS, entries={"split.json", PREPARED_DIR})
 
 
 class _Images:
@@ -145,17 +146,9 @@ def train_deepatlas(
         if supervised_only
         else [[str(Path(d).resolve()), s] for d, s in pools_wanted],
     }
+    facts = {"mode": mode, "pools": pools}
     run = RunFolder.open(
-        run_dir,
-        kind=KIND,
-        settings=cfg,
-        seed=seed,
-        resume=resume,
-        resumable=RESUMABLE_KEYS,
-        runtime=runtime,
-        reporter=reporter,
-        stage_entries={"split.json", PREPARED_DIR},
-        facts={"mode": mode, "pools": pools},
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
     )
     if not supervised_only:
         with main_process_first(runtime):

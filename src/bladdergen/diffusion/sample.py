@@ -8,6 +8,9 @@ files do not depend on the batch size, on interruptions, or on how indices are s
 Output folder::
 
     OUT/sample_00000.nii.gz ...      int16 HU volumes (X, Y, Z)
+    OUT/labels/sample_00000.nii.gz   uint8 label map in the dataset's values (0/255/128), same
+                                     geometry, when the VQ-GAN's label decoder was trained
+    OUT/checks/sample_00000.json     that label map's anatomy measurements and plausibility checks
     OUT/previews/sample_00000.png    montage of the axial slices (with previews on)
     OUT/manifest.json                settings, checkpoint hashes, one entry per sample
     OUT/config.yaml                  resolved configuration of the sampling run
@@ -47,8 +50,17 @@ from bladdergen.settings import from_mapping, to_mapping, write_yaml
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
+LABELS_DIR = "labels"
+CHECKS_DIR = "checks"
 # What sample writes into --out (anything else there is refused as unrelated).
-OWNED_OUTPUTS = ("sample_*.nii.gz", PREVIEW_DIR, MANIFEST_NAME, "config.yaml")
+OWNED_OUTPUTS = (
+    "sample_*.nii.gz",
+    PREVIEW_DIR,
+    LABELS_DIR,
+    CHECKS_DIR,
+    MANIFEST_NAME,
+    "config.yaml",
+)
 # What sampling reads from a ``train-ldm`` checkpoint's metadata.
 LDM_METADATA = {
     "config.ldm": dict,
@@ -110,11 +122,41 @@ def _complete_samples(out_dir: Path, n: int, settings: dict[str, Any]) -> list[d
             "steps": settings["steps"],
             "checkpoint_sha256": settings["checkpoint_sha256"],
         }
+        label = out_dir / LABELS_DIR / f"{sample_name(i)}.nii.gz"
+        if label.is_file():
+            entry["label"] = f"{LABELS_DIR}/{label.name}"
+        checks = out_dir / CHECKS_DIR / f"{sample_name(i)}.json"
+        if checks.is_file():
+            entry["anatomy"] = json.loads(checks.read_text(encoding="utf-8"))
+            entry["plausible"] = bool(entry["anatomy"]["checks"]["plausible"])
         preview = out_dir / PREVIEW_DIR / f"{sample_name(i)}.png"
         if preview.is_file():
             entry["preview"] = f"{PREVIEW_DIR}/{preview.name}"
         samples.append(entry)
     return samples
+
+
+def _write_label(
+    out_dir: Path,
+    index: int,
+    classes: np.ndarray,
+    affine: np.ndarray,
+    label_map: dict[int, int] | None,
+    ranges: dict[str, list[float]],
+) -> None:
+    """The sample's label map (the dataset's values, uint8) and its anatomy checks (JSON)."""
+    from bladdergen.data.preprocess import classes_to_label_values
+    from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
+
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    measurement = measure_anatomy(classes, spacing)
+    checks = plausibility(measurement, ranges)
+    name = sample_name(index)
+    atomic_write_json(
+        out_dir / CHECKS_DIR / f"{name}.json", {"measurement": measurement, "checks": checks}
+    )
+    values = classes_to_label_values(classes, label_map)
+    write_nifti(out_dir / LABELS_DIR / f"{name}.nii.gz", values, affine, np.uint8)
 
 
 def _check_inputs(n: int, seed: int, out_dir: Path) -> None:
@@ -210,6 +252,10 @@ def sample_volumes(
     schedule = NoiseSchedule.create(ldm_config.schedule, ldm_config.timesteps)
     sampler = make_sampler(cfg.sampler, schedule, cfg.steps, cfg.clip_x0, cfg.eta)
 
+    # a VQ-GAN whose label decoder learned from labeled cases decodes each sample's labels too
+    paired = bool(vq_meta.get("labels_trained")) and vqgan.label_decoder is not None
+    label_map = {int(k): int(v) for k, v in metadata.get("label_map", {}).items()} or None
+    ranges = metadata.get("anatomy_ranges", {})
     checkpoint_hash = sha256_file(weights_path)
     settings = _settings(config, config.seed, checkpoint_hash, metadata["vqgan_hash"])
     manifest_path = out_dir / MANIFEST_NAME
@@ -261,6 +307,10 @@ def sample_volumes(
                 # sample's file must not depend on its batch
                 volume = vqgan.decode(z_q[row : row + 1]).float()[0, 0].cpu().numpy()
                 hu = unit_to_hu(volume, window)  # (X, Y, Z)
+                if paired:
+                    logits = vqgan.decode_labels(z_q[row : row + 1]).float()
+                    classes = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+                    _write_label(out_dir, index, classes, affine, label_map, ranges)
                 if cfg.previews:
                     write_preview(out_dir / PREVIEW_DIR / f"{sample_name(index)}.png", hu, window)
                 # the volume is written last: its presence marks a complete sample
@@ -284,5 +334,7 @@ def sample_volumes(
         "seconds": round(seconds, 2),
         # wall time per volume of this process's share
         "seconds_per_volume": round(seconds / len(mine), 3) if mine else None,
+        "labels": paired,
+        "plausible": sum(bool(s.get("plausible")) for s in samples) if paired else None,
         "manifest": str(manifest_path),
     }

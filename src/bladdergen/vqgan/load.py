@@ -61,7 +61,9 @@ def save_vqgan(
 ) -> dict[str, Any]:
     """Write ``model``'s weights and facts to ``path`` atomically; returns the metadata.
 
-    ``code_usage``: fraction of the codebook the training volumes map to.
+    ``code_usage``: fraction of the codebook the training volumes map to. ``labels_trained``
+    (in the metadata) says whether the label decoder learned from labeled cases: only then does
+    ``sample`` write label maps.
     """
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     low, high = model.codebook_range()
@@ -77,6 +79,7 @@ def save_vqgan(
         "volume_shape": [int(n) for n in volume_shape],
         "latent_shape": list(model.latent_shape(tuple(volume_shape))),
         "weights_sha256": weights_sha256(tensors),
+        "labels_trained": False,
         **(extra or {}),
     }
     save_weights(Path(path), tensors, metadata)
@@ -96,8 +99,10 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     path = resolve_weights(Path(path_or_run_dir))
     tensors, metadata = load_weights(path, expected_kind=KIND, device="cpu")
     require_metadata(metadata, path, REQUIRED_METADATA)
+    stored = dict(metadata["config"])
+    stored.setdefault("label_head", False)  # checkpoints from before the label decoder
     try:
-        config = from_mapping(VQGANConfig, metadata["config"], where=f"{path}: config")
+        config = from_mapping(VQGANConfig, stored, where=f"{path}: config")
     except ConfigError as error:
         raise CheckpointError(f"{path}: stored VQ-GAN config is invalid ({error})") from None
     recorded = metadata.get("weights_sha256")
