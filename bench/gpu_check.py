@@ -355,8 +355,11 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
     model.train()
     disc2d.train()
     disc3d.train()
-    images, _ = _blob_volumes(ctx.volume_shape, max(2, batch), ctx.config.seed)
-    volumes = torch.from_numpy(images)[:, None]  # (N, 1, X, Y, Z) on the CPU, as in the trainer
+    images, labels = _blob_volumes(ctx.volume_shape, max(2, batch), ctx.config.seed)
+    # (N, 1, X, Y, Z) on the CPU, as in the trainer: images, and classes for the label decoder
+    # and the wall/tumor L1
+    volumes = torch.from_numpy(images)[:, None]
+    classes = torch.from_numpy(labels.astype(np.int64))[:, None]
     step = cfg.disc_start  # past the discriminator start: the full GAN step
 
     def one_step() -> dict[str, float]:
@@ -367,15 +370,15 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
         metrics = vqgan_train._train_step(
             step,
             plan,
-            volumes,
+            (volumes, classes),
             cfg,
             ctx.runtime,
             (model, disc2d, disc3d),
             (opt_ae, opt_d),
             perceptual,
             adversarial,
-            ctx.work_dir,
         )
+        metrics.pop("_views", None)
         step += 1
         return metrics
 
@@ -392,6 +395,7 @@ def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:
             "dtype": ctx.dtype,
             "activation_checkpointing": cfg.activation_checkpointing,
             "discriminators": "2D slice + 3D volume, on (step >= disc_start)",
+            "label_head": cfg.label_head,
             "perceptual": "on"
             if perceptual is not None
             else "off (vqgan.perceptual_weights unset)",
@@ -678,6 +682,8 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
             hu = unit_to_hu(volume, window)
             if not np.isfinite(hu).all():
                 raise FloatingPointError("decoded volume is not finite")
+            if vqgan.label_decoder is not None:  # paired generation: the label map too
+                vqgan.decode_labels(z_q[row : row + 1]).argmax(dim=1).cpu()
         ctx.sync()
         split["denoise_s"].append(middle - started)
         split["decode_s"].append(time.perf_counter() - middle)
@@ -703,7 +709,7 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
             "batch": batch,
             "sampler": f"{ctx.config.sample.sampler}-{len(sampler.timesteps)}",
             "dtype": ctx.dtype + " denoiser, float32 decode (as sample_volumes)",
-            "includes": "noise, sampler, nearest codes, decode, HU; no file writing",
+            "includes": "noise, sampler, nearest codes, decode image and label map, HU; no files",
             "warmup": "one batch with a 1-step sampler",
         },
     }
@@ -721,7 +727,11 @@ def _save_sampling_checkpoints(ctx: Context, root: Path) -> tuple[Path, Path]:
     vq_dir, ldm_dir = root / "vqgan", root / "ldm"
     vq_dir.mkdir(parents=True, exist_ok=True)
     ldm_dir.mkdir(parents=True, exist_ok=True)
-    vq_meta = save_vqgan(vq_dir / WEIGHTS_NAME, vqgan, 0, window, ctx.volume_shape, code_usage=0.0)
+    # labels_trained as after training on labeled cases: sample decodes and checks label maps too
+    paired = {"labels_trained": vqgan.label_decoder is not None}
+    vq_meta = save_vqgan(
+        vq_dir / WEIGHTS_NAME, vqgan, 0, window, ctx.volume_shape, code_usage=0.0, extra=paired
+    )
     spacing = 400.0 / ctx.volume_shape[0]
     metadata = {
         "kind": LDM_KIND,
