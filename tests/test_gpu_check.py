@@ -67,7 +67,7 @@ def test_every_stage_runs_on_cpu_and_reports_finite_numbers(gpu_check, tmp_path)
     for name, stage in report["stages"].items():
         assert stage["status"] == "ok", (name, stage.get("error"))
         assert stage["memory_kind"] == "cpu_rss_proxy"
-        for key in ("peak_gb", "step_s_median", "warmup_s", "wall_s"):
+        for key in ("peak_gb", "warmup_peak_gb", "step_s_median", "warmup_s", "wall_s"):
             assert math.isfinite(stage[key]) and stage[key] >= 0, (name, key)
         assert stage["step_s_median"] > 0 and stage["steps_timed"] == 1
         assert all(math.isfinite(v) for v in stage.get("losses", {}).values())
@@ -108,3 +108,49 @@ def test_a_failing_stage_is_recorded_and_the_budget_skips_the_measured_run(
     assert "time budget" in command["measured_run"]["reason"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| segment | oom:" in table and "| sample_command | ok |" in table
+
+
+def test_goals_are_judged_only_on_a_gpu_at_the_paper_size(gpu_check):
+    ok = {"status": "ok", "peak_gb": 12.5, "step_s_median": 0.8, "steps_timed": 3, "wall_s": 9.0}
+    stages = {name: dict(ok) for name in gpu_check.STAGES}
+    stages["vqgan_train_b2"]["peak_gb"] = 21.0
+    stages["sample_command"] |= {
+        "seconds_per_volume": 0.7,
+        "volumes_extrapolated": 200,
+        "extrapolated_s": 150.0,
+        "measured_run": {"status": "ok", "volumes": 200, "wall_s": 170.0},
+    }
+    report = {
+        "command": "python bench/gpu_check.py --out x",
+        "started_utc": "now",
+        "complete": True,
+        "wall_s": 400.0,
+        "environment": {
+            "gpu_name": "NVIDIA H200",
+            "gpu_total_memory_gb": 150.0,
+            "torch": "2.x",
+            "cuda": "12.x",
+            "cudnn": 90000,
+            "cuda_device_count": 1,
+            "monai": "1.6.1",
+        },
+        "settings": {
+            "device": "cuda:0",
+            "profile": "paper",
+            "volume": [512, 512, 24],
+            "dtype": "bf16 autocast",
+            "steps": 3,
+            "sample_volumes": 200,
+        },
+        "stages": stages,
+    }
+    goals = gpu_check.goals(report)
+    assert goals["evaluated"] is True
+    assert goals["max_peak_gb"] == 21.0 and goals["every_stage_peak_le_20gb"] is False
+    assert goals["sample_seconds"] == 170.0 and goals["sample_seconds_source"] == "measured"
+    assert goals["sample_200_le_600s_24gb_gpu"] is True
+    assert goals["sample_200_le_180s_h100_h200"] is True
+    report["goals"] = goals
+    table = gpu_check.markdown(report)
+    assert "NVIDIA H200, 150.0 GB" in table and "torch.cuda.max_memory_allocated" in table
+    assert "| vqgan_train_b2 | ok |" in table and "| 21.000 |" in table
