@@ -153,7 +153,7 @@ def test_missing_prediction_case_is_an_input_error_naming_it(tmp_path):
 def test_prediction_on_another_grid_is_an_input_error(tmp_path):
     truth = write_labels(tmp_path / "truth", make_cases("classes"))
     pred = write_labels(tmp_path / "pred", make_cases("classes"), spacing=(1.0, 1.0, 2.5))
-    with pytest.raises(InputError, match="affine"):
+    with pytest.raises(InputError, match=r"spacing \(1, 1, 2\.5\) mm, expected \("):
         evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
 
 
@@ -191,3 +191,15 @@ def test_the_report_prints_n_a_for_a_missing_interval():
     from bladdergen.evaluate.seg import _ci_text
 
     assert _ci_text({"ci_low": None, "ci_high": None}) == "n/a (n < 2)"
+
+
+def test_prediction_with_another_origin_is_refused_naming_the_origin(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("classes"))
+    pred = write_labels(tmp_path / "pred", make_cases("classes"))
+    for path in pred.iterdir():
+        image = nib.load(path)
+        affine = image.affine.copy()
+        affine[0, 3] += 4.0
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), path)
+    with pytest.raises(InputError, match=r"origin \(4, 0, 0\) mm, expected \(0, 0, 0\) mm"):
+        evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())

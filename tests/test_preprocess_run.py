@@ -231,7 +231,7 @@ BAD_INPUTS = {
     "shape": (_corrupt_shape, r"b\.nii\.gz: label shape \(16, 16, 4\) differs from image"),
     "geometry": (
         _corrupt_geometry,
-        r"b\.nii\.gz: label origin \(35, 30, -50\) mm, expected the image.s origin \(30, 30, -50\)",
+        r"b\.nii\.gz: label origin \(35, 30, -50\) mm, expected \(30, 30, -50\) mm",
     ),
     "values": (_corrupt_values, r"b\.nii\.gz: found label values \{0, 1, 2\}, expected a subset"),
     "duplicate": (_corrupt_duplicate, r"duplicate case id 'b'"),

@@ -150,3 +150,36 @@ def test_segment_into_the_input_folder_never_replaces_an_input(model_run, tmp_pa
     with pytest.raises(InputError, match="would replace its input"):
         segment_paths(model_run, scans, scans, device="cpu", overwrite=True)
     assert (scans / "a.nii.gz").read_bytes() == before
+
+
+def test_segment_with_a_z_range_writes_background_outside_the_slab(model_run, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans / "long.nii.gz", shape=(40, 36, 30))
+    segment_paths(
+        model_run,
+        scans,
+        tmp_path / "out",
+        device="cpu",
+        label_values=False,
+        z_range=(10, 17),
+        z_range_unit="slices",
+    )
+    classes = np.asarray(nib.load(tmp_path / "out" / "long.nii.gz").dataobj)
+    segment_paths(model_run, scans, tmp_path / "whole", device="cpu", label_values=False)
+    whole = np.asarray(nib.load(tmp_path / "whole" / "long.nii.gz").dataobj)
+    assert classes.shape == whole.shape == (40, 36, 30)
+    assert whole[:, :, :10].any()  # without the range the net does paint outside the slab
+    # the scan's z axis already points superior (RAS), so slice indices are the file's own
+    assert not classes[:, :, :10].any() and not classes[:, :, 18:].any()
+
+
+def test_segment_cli_refuses_a_bad_z_unit_in_one_line(model_run, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans / "a.nii.gz")
+    args = [str(model_run), str(scans), str(tmp_path / "out"), "--z-range=1:3", "--z-unit", "cm"]
+    result = CliRunner().invoke(app, ["segment", *args])
+    assert result.exit_code == 2
+    assert "preprocess.z_range_unit: got 'cm'" in result.output
+    assert not (tmp_path / "out").exists()

@@ -269,3 +269,16 @@ def emit_result(result: dict[str, Any], as_json: bool, quiet: bool, title: str) 
             if len(value) > 200:
                 value = value[:197] + "..."
         console.print(f"  {key}: {escape(str(value))}", highlight=False, soft_wrap=True)
+
+
+def parse_range(option: str, text: str | None) -> list[float] | None:
+    """``"LOW:HIGH"`` -> [LOW, HIGH] (None stays None); InputError naming ``option`` otherwise."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return [float(parts[0]), float(parts[1])]
+    except ValueError:
+        raise InputError(f"{option}: got {text!r}, expected LOW:HIGH, e.g. -120:-20") from None

@@ -16,6 +16,7 @@ from bladdergen.cli.common import (
     RichReporter,
     emit_result,
     handle_errors,
+    parse_range,
 )
 
 
@@ -166,7 +167,7 @@ def preprocess(
             "preprocess.workers": workers,
             "preprocess.depth_policy": depth_policy,
             "preprocess.target_depth": target_depth,
-            "preprocess.z_range": _parse_range(z_range),
+            "preprocess.z_range": parse_range("--z-range", z_range),
             "preprocess.z_range_unit": z_unit,
         },
     )
@@ -185,18 +186,3 @@ def preprocess(
         reporter.stop()
     title = "already up to date (nothing done)" if result["skipped"] else "preprocessed"
     emit_result(result, as_json, quiet, title)
-
-
-def _parse_range(text: str | None) -> list[float] | None:
-    """``"LOW:HIGH"`` -> [LOW, HIGH]; InputError naming the option for anything else."""
-    from bladdergen.errors import InputError
-
-    if text is None:
-        return None
-    parts = text.split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        return [float(parts[0]), float(parts[1])]
-    except ValueError:
-        raise InputError(f"--z-range: got {text!r}, expected LOW:HIGH, e.g. -120:-20") from None

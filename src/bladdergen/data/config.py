@@ -83,6 +83,10 @@ class PreprocessConfig:
             raise ConfigError("preprocess: set target_size or target_spacing, not both")
         if self.crop_mm is not None and min(self.crop_mm) <= 0:
             raise ConfigError(f"preprocess.crop_mm: got {list(self.crop_mm)}, expected > 0 mm")
+        if self.z_range_unit not in ("mm", "slices"):
+            raise ConfigError(
+                f"preprocess.z_range_unit: got {self.z_range_unit!r}, expected 'mm' or 'slices'"
+            )
         if self.z_range is not None:
             low, high = self.z_range
             if low > high:

@@ -37,7 +37,7 @@ from bladdergen.data.inputs import (
     nnunet_label_map,
 )
 from bladdergen.data.preprocess import prepare_image, prepare_label
-from bladdergen.data.volumes import read_volume, write_nifti
+from bladdergen.data.volumes import geometry_difference, read_volume, write_nifti
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_json, atomic_write_text, sha256_file
 from bladdergen.progress import SILENT, Reporter
@@ -197,28 +197,9 @@ def _check_same_grid(shape: tuple[int, ...], affine: np.ndarray, label: Any, ima
     gap = max(float(np.abs(affine @ p - label.affine @ p).max()) for p in (origin, corner))
     spacing = float(np.linalg.norm(affine[:3, :3], axis=0).min())
     if gap > GEOMETRY_TOLERANCE_VOXELS * spacing:
-        tolerance = GEOMETRY_TOLERANCE_VOXELS * spacing
-        image_spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        label_spacing = np.linalg.norm(label.affine[:3, :3], axis=0)
-        if np.abs(image_spacing - label_spacing).max() > 1e-4 * image_spacing.max():
-            what = f"spacing {_mm(label_spacing)} mm, expected the image's {_mm(image_spacing)} mm"
-        elif (
-            np.abs(affine[:3, :3] / image_spacing - label.affine[:3, :3] / label_spacing).max()
-            > 1e-4
-        ):
-            what = "direction (axis orientation) differs, expected the image's direction"
-        elif np.abs(affine[:3, 3] - label.affine[:3, 3]).max() > tolerance:
-            what = (
-                f"origin {_mm(label.affine[:3, 3])} mm, expected the image's origin "
-                f"{_mm(affine[:3, 3])} mm"
-            )
-        else:
-            what = f"voxel-to-world affine differs by {gap:.3g} mm"
-        raise InputError(f"{label.source}: label {what} (image {image.name})")
-
-
-def _mm(values: np.ndarray) -> str:
-    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+        what = geometry_difference(label.affine, affine, GEOMETRY_TOLERANCE_VOXELS * spacing)
+        what = what or f"voxel-to-world affine differs by {gap:.3g} mm"
+        raise InputError(f"{label.source}: label {what} like its image {image.name}")
 
 
 def _process_context() -> multiprocessing.context.BaseContext:

@@ -276,6 +276,34 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def geometry_difference(
+    affine: np.ndarray, expected: np.ndarray, tolerance_mm: float
+) -> str | None:
+    """What differs between two voxel-to-world affines, in words for an error message, or None.
+
+    Spacing, then direction, then origin are compared; the first that differs is named with
+    both values (``origin (35, 30, -50) mm, expected (30, 30, -50) mm``).
+    """
+    affine, expected = np.asarray(affine, float), np.asarray(expected, float)
+    spacing, wanted = (
+        np.linalg.norm(affine[:3, :3], axis=0),
+        np.linalg.norm(expected[:3, :3], axis=0),
+    )
+    if np.abs(spacing - wanted).max() > max(tolerance_mm, 1e-4 * wanted.max()):
+        return f"spacing {_mm(spacing)} mm, expected {_mm(wanted)} mm"
+    if np.abs(affine[:3, :3] / spacing - expected[:3, :3] / wanted).max() > 1e-4:
+        codes = "".join(nib.orientations.aff2axcodes(affine))
+        wanted_codes = "".join(nib.orientations.aff2axcodes(expected))
+        return f"direction {codes}, expected {wanted_codes} (or an oblique difference)"
+    if np.abs(affine[:3, 3] - expected[:3, 3]).max() > tolerance_mm:
+        return f"origin {_mm(affine[:3, 3])} mm, expected {_mm(expected[:3, 3])} mm"
+    return None
+
+
+def _mm(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

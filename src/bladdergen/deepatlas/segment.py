@@ -10,6 +10,7 @@ wall / 128 tumor by default).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -149,6 +150,8 @@ def segment_paths(
     label_values: bool = True,
     overwrite: bool = False,
     overlap: float | None = None,
+    z_range: tuple[float, float] | None = None,
+    z_range_unit: str | None = None,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
     """Segment every volume at ``in_path`` with the model at ``model``; write label maps to
@@ -156,6 +159,8 @@ def segment_paths(
 
     ``label_values``: write the dataset's values (0/255/128 by default), else classes 0/1/2.
     ``overlap``: sliding-window overlap, default the run's ``deepatlas.sw_overlap``.
+    ``z_range`` / ``z_range_unit``: cut each scan to this slab first (as ``preprocess.z_range``;
+    default: the training set's own setting); outside it the label map is background.
     Raises InputError for unreadable inputs or an existing output without ``overwrite``,
     CheckpointError for a bad model.
     """
@@ -183,6 +188,13 @@ def segment_paths(
     net, metadata = load_segmentation_model(model, torch_device)
     where = f"{metadata['checkpoint']}: metadata preprocess"
     preprocess = preprocess_config_from_mapping(metadata["preprocess"], where)
+    if z_range is not None or z_range_unit is not None:
+        preprocess = dataclasses.replace(
+            preprocess,
+            z_range=tuple(z_range) if z_range is not None else preprocess.z_range,
+            z_range_unit=z_range_unit or preprocess.z_range_unit,
+        )
+        preprocess.validate()
     label_map = preprocess.label_map
     if overlap is None:
         overlap = float(metadata["config"]["deepatlas"].get("sw_overlap", 0.25))

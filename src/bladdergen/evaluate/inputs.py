@@ -56,6 +56,8 @@ def list_nifti(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or not path.name.endswith(NIFTI_SUFFIXES):
             continue
+        if path.name.startswith("."):
+            continue  # temporary files of atomic writes, left by a killed run
         case_id = case_id_of(path)
         if case_id in found:
             raise InputError(
@@ -155,8 +157,8 @@ def read_label_folder(folder: Path) -> tuple[dict[str, LabelVolume], str]:
         seen.setdefault(convention, path.name)
         if convention == "dataset":
             classes = np.zeros(raw.shape, np.uint8)
-            classes[raw == 255] = 1
-            classes[raw == 128] = 2
+            for value, class_index in DATASET_TO_CLASS.items():
+                classes[raw == value] = class_index
         else:
             classes = raw.astype(np.uint8)
         volumes[case_id] = LabelVolume(

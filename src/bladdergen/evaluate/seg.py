@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from bladdergen.data.volumes import geometry_difference
 from bladdergen.errors import InputError
 from bladdergen.evaluate.config import EvaluateConfig
 from bladdergen.evaluate.inputs import (
@@ -106,11 +107,10 @@ def check_geometry(pred: LabelVolume, truth: LabelVolume) -> None:
             f"{truth.path} shape {truth.classes.shape}; predictions must be on the truth's grid"
         )
     if not np.allclose(pred.affine, truth.affine, atol=AFFINE_TOLERANCE_MM):
-        spacing = tuple(round(s, 4) for s in pred.spacing)
-        truth_spacing = tuple(round(s, 4) for s in truth.spacing)
+        what = geometry_difference(pred.affine, truth.affine, AFFINE_TOLERANCE_MM)
         raise InputError(
-            f"{pred.path}: affine (spacing {spacing} mm) differs from the truth {truth.path} "
-            f"(spacing {truth_spacing} mm); predictions must be on the truth's grid"
+            f"{pred.path}: {what or 'affine differs'} like the truth {truth.path}; "
+            "predictions must be on the truth's grid"
         )
 
 
