@@ -245,3 +245,10 @@ def test_generated_label_maps_are_scored_against_the_segmentation_of_their_image
     assert paired["plausible_fraction"] == pytest.approx(1 / 3)
     assert paired["segmenter_dice_wall"] == pytest.approx(2 / 3)  # Dice 1, 1 and 0
     assert "Generated label maps (3 samples)" in (tmp_path / "out/gen_report.md").read_text()
+
+
+def test_anatomy_measures_are_the_same_on_a_volume_padded_with_background():
+    classes = ring_classes()
+    classes[11:13, 3:5, 1:3] = 2  # a tumor on the inner wall
+    padded = np.pad(classes, ((40, 25), (3, 60), (0, 0)))
+    assert measure_anatomy(padded, SPACING) == measure_anatomy(classes, SPACING)
