@@ -4,6 +4,7 @@ each CT's label map in the same geometry, with its anatomy checks."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -37,7 +38,7 @@ def test_samples_come_with_label_maps_of_dataset_values_in_the_image_geometry(pa
     result = sample_volumes(config, root / "ldm", root / "out", 2)
     assert result["labels"] is True
     for index in range(2):
-        image = nib.load(root / f"out/sample_{index:05d}.nii.gz")
+        image = nib.load(root / f"out/images/sample_{index:05d}.nii.gz")
         label = nib.load(root / f"out/labels/sample_{index:05d}.nii.gz")
         assert label.shape == image.shape
         assert np.allclose(label.affine, image.affine)
@@ -45,9 +46,9 @@ def test_samples_come_with_label_maps_of_dataset_values_in_the_image_geometry(pa
     manifest = json.loads((root / "out/manifest.json").read_text())
     for entry in manifest["samples"]:
         checks = json.loads(
-            (root / "out/checks" / (entry["file"].split(".")[0] + ".json")).read_text()
+            (root / "out/checks" / (Path(entry["file"]).name.split(".")[0] + ".json")).read_text()
         )
-        assert entry["label"] == f"labels/{entry['file']}"
+        assert entry["label"] == f"labels/{Path(entry['file']).name}"
         assert entry["plausible"] == checks["checks"]["plausible"]
         assert entry["anatomy"]["measurement"]["wall_voxels"] == int(
             (np.asarray(nib.load(root / "out" / entry["label"]).dataobj) == 255).sum()
@@ -61,7 +62,7 @@ def test_the_pairing_does_not_depend_on_the_batch_size(paired_ldm):
     sample_volumes(one, root / "ldm", root / "b1", 3)
     sample_volumes(three, root / "ldm", root / "b3", 3)
     for index in range(3):
-        for part in ("", "labels/"):
+        for part in ("images/", "labels/"):
             a = np.asarray(nib.load(root / f"b1/{part}sample_{index:05d}.nii.gz").dataobj)
             b = np.asarray(nib.load(root / f"b3/{part}sample_{index:05d}.nii.gz").dataobj)
             assert np.array_equal(a, b), (part, index)
@@ -131,7 +132,7 @@ def test_keep_plausible_keeps_exactly_the_first_samples_whose_checks_pass(
         i for i in range(last) if i not in passing
     ]
     for i in range(8):
-        assert (out / f"sample_{i:05d}.nii.gz").is_file() == (i in kept)
+        assert (out / f"images/sample_{i:05d}.nii.gz").is_file() == (i in kept)
     for i in kept:  # the kept files are the same samples as in the keep-all run
         a = np.asarray(nib.load(out / f"labels/sample_{i:05d}.nii.gz").dataobj)
         b = np.asarray(nib.load(root / f"every/labels/sample_{i:05d}.nii.gz").dataobj)

@@ -110,7 +110,9 @@ def pool_from_folder(
     if is_preprocessed_set(folder):  # a sample folder's manifest.json is not one
         dataset = PreprocessedSet.open(folder)
         return [PoolImage(f"{source}:{c.case_id}", source, c.image_path) for c in dataset.cases]
-    raw = list_raw_volumes(folder)
+    from bladdergen.diffusion.layout import sample_images_folder  # a `sample` output: images/
+
+    raw = list_raw_volumes(sample_images_folder(folder))
     if not raw:
         raise InputError(
             f"{folder}: no volumes found, expected a preprocessed set or NIfTI/DICOM volumes"

@@ -2,7 +2,7 @@
 
 ``bladdergen`` (default)::
 
-    OUT/sample_00000.nii.gz          int16 HU image (X, Y, Z)
+    OUT/images/sample_00000.nii.gz   int16 HU image (X, Y, Z)
     OUT/labels/sample_00000.nii.gz   uint8 label map in the dataset's values (0/255/128)
 
 ``nnunet`` (a ``DatasetXXX_Name`` raw folder that ``nnUNetv2_plan_and_preprocess`` reads)::
@@ -29,6 +29,7 @@ from bladdergen.fileio import atomic_write_json
 
 NNUNET_DATASET = "dataset.json"
 FILE_ENDING = ".nii.gz"
+IMAGES_DIR, LABELS_DIR, CHECKS_DIR = "images", "labels", "checks"
 
 
 def sample_name(index: int) -> str:
@@ -49,20 +50,20 @@ class SampleLayout:
     def image(self, out_dir: Path, index: int) -> Path:
         if self.nnunet:
             return out_dir / "imagesTr" / f"{sample_name(index)}_0000{FILE_ENDING}"
-        return out_dir / f"{sample_name(index)}{FILE_ENDING}"
+        return out_dir / IMAGES_DIR / f"{sample_name(index)}{FILE_ENDING}"
 
     def label(self, out_dir: Path, index: int) -> Path:
-        folder = "labelsTr" if self.nnunet else "labels"
+        folder = "labelsTr" if self.nnunet else LABELS_DIR
         return out_dir / folder / f"{sample_name(index)}{FILE_ENDING}"
 
     def checks(self, out_dir: Path, index: int) -> Path:
-        return out_dir / "checks" / f"{sample_name(index)}.json"
+        return out_dir / CHECKS_DIR / f"{sample_name(index)}.json"
 
     def owned(self) -> tuple[str, ...]:
         """Top-level names this layout writes (anything else in OUT is refused)."""
         if self.nnunet:
             return ("imagesTr", "labelsTr", NNUNET_DATASET)
-        return ("sample_*.nii.gz", "labels")
+        return (IMAGES_DIR, LABELS_DIR)
 
     def label_values(self, classes: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
         """Classes 0/1/2 -> what the layout stores: the dataset's values, or the classes."""
@@ -91,3 +92,31 @@ def write_nnunet_dataset_json(out_dir: Path, n_training: int) -> Path:
         },
     )
     return path
+
+
+def sample_images_folder(folder: Path) -> Path:
+    """Where a folder's volumes are: ``images/`` of a ``sample`` output (it has a samples manifest
+    and an ``images/`` folder), else the folder itself (any folder of NIfTI files)."""
+    folder = Path(folder)
+    if (folder / IMAGES_DIR).is_dir() and _is_sample_manifest(folder / "manifest.json"):
+        return folder / IMAGES_DIR
+    return folder
+
+
+def sample_label_and_checks(image_path: Path) -> tuple[Path, Path]:
+    """The label map and checks files that ``sample`` writes beside the image ``image_path``
+    (either may not exist): ``labels/<name>`` and ``checks/<name>.json`` of the sample folder."""
+    image_path = Path(image_path)
+    root = image_path.parent.parent if image_path.parent.name == IMAGES_DIR else image_path.parent
+    name = image_path.name.removesuffix(FILE_ENDING).removesuffix(".nii")
+    return root / LABELS_DIR / image_path.name, root / CHECKS_DIR / f"{name}.json"
+
+
+def _is_sample_manifest(path: Path) -> bool:
+    import json
+
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == "bladdergen-samples"

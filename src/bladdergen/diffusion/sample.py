@@ -7,7 +7,7 @@ files do not depend on the batch size, on interruptions, or on how indices are s
 
 Output folder::
 
-    OUT/sample_00000.nii.gz ...      int16 HU volumes (X, Y, Z)
+    OUT/images/sample_00000.nii.gz   int16 HU volumes (X, Y, Z)
     OUT/labels/sample_00000.nii.gz   uint8 label map in the dataset's values (0/255/128), same
                                      geometry, when the VQ-GAN's label decoder was trained
     OUT/checks/sample_00000.json     that label map's anatomy measurements and plausibility checks

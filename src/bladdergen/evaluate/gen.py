@@ -156,9 +156,10 @@ def paired_label_scores(
     against it (None without a segmenter; tumor None when neither has a tumor). None when the
     sample has no label map."""
     from bladdergen.data.preprocess import PreprocessConfig
+    from bladdergen.diffusion.layout import sample_label_and_checks
     from bladdergen.evaluate.inputs import detect_convention, load_nifti, read_array
 
-    label_path = image_path.parent / "labels" / image_path.name
+    label_path, checks_path = sample_label_and_checks(image_path)
     if not label_path.is_file():
         return None
     values = read_array(load_nifti(label_path), label_path).astype(np.int64)
@@ -170,8 +171,6 @@ def paired_label_scores(
     if values.shape != tuple(native_shape):
         factors = [t / n for t, n in zip(native_shape, values.shape, strict=True)]
         values = ndimage.zoom(values, factors, order=0, mode="nearest", grid_mode=True)
-    name = image_path.name.removesuffix(".gz").removesuffix(".nii")
-    checks_path = image_path.parent / "checks" / f"{name}.json"
     plausible = None
     if checks_path.is_file():
         import json

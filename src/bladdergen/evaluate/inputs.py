@@ -229,7 +229,10 @@ def open_hu_folder(folder: Path) -> tuple[list[tuple[str, Callable[[], HUVolume]
 
         return load
 
-    return [(c, nifti_loader(c, p)) for c, p in list_nifti(folder).items()], "nifti"
+    from bladdergen.diffusion.layout import sample_images_folder  # a `sample` output: images/
+
+    volumes = list_nifti(sample_images_folder(folder))
+    return [(c, nifti_loader(c, p)) for c, p in volumes.items()], "nifti"
 
 
 def read_hu_folder(folder: Path) -> tuple[list[HUVolume], str]:
