@@ -34,6 +34,7 @@ TINY_NETS = {
     "deepatlas.val_every": 4,
     "deepatlas.checkpoint_every": 3,
     "deepatlas.log_every": 1,
+    "deepatlas.val_cases": 1,  # 4 labeled cases in the tiny set
     "deepatlas.device": "cpu",
 }
 
@@ -71,12 +72,16 @@ def test_training_writes_checkpoints_logs_and_validation(tiny_dataset, tmp_path)
         assert (tmp_path / name).is_file()
     assert read_metadata(tmp_path / "model.safetensors")["kind"] == "deepatlas"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    phases = [r["phase"] for r in records if r["phase"] != "validation"]
+    phases = [r["phase"] for r in records if r["phase"] not in ("validation", "synthetic_filter")]
     assert phases == ["reg_pretrain"] * 2 + ["seg_pretrain"] * 2 + ["reg"] * 2 + ["seg"] * 2
+    # the synthetic plausibility filter runs once, when pre-training ends (no synthetic here)
+    assert [(r["step"], r["synthetic"]) for r in records if r["phase"] == "synthetic_filter"] == [
+        (4, 0)
+    ]
     validation = [r for r in records if r["phase"] == "validation"]
     # not at step 2: the segmentation net is still untrained after registration pre-training
     assert [r["step"] for r in validation] == [4, 6, 8]
-    for key in ("dice_wall", "dice_mean", "folding", "registration_dice"):
+    for key in ("dice_wall", "dice_mean", "folding", "registration_dice", "identity_dice"):
         assert key in validation[0]
     assert "similarity" in records[0] and "folding" in records[0]
 
@@ -97,7 +102,7 @@ def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dat
 
 
 def test_resume_with_a_different_network_is_refused(tiny_dataset, tmp_path):
-    train_deepatlas(tiny_config(**{"deepatlas.max_steps": 3}).deepatlas, tiny_dataset, tmp_path)
+    train_deepatlas(tiny_config(**{"deepatlas.max_steps": 4}).deepatlas, tiny_dataset, tmp_path)
     changed = tiny_config(**{"deepatlas.max_steps": 6, "deepatlas.seg_filters": [4, 8, 16]})
     with pytest.raises(CheckpointError, match="seg_filters"):
         train_deepatlas(changed.deepatlas, tiny_dataset, tmp_path, resume=True)
@@ -124,7 +129,7 @@ def test_synthetic_hu_volumes_are_preprocessed_like_the_training_data(tiny_datas
     for index in range(2):
         hu = rng.uniform(-200, 300, (40, 36, 11)).astype(np.float32)
         nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 3.0, 1.0])), synthetic / f"s{index}.nii.gz")
-    config = tiny_config(**{"deepatlas.max_steps": 1})
+    config = tiny_config(**{"deepatlas.max_steps": 4})  # pre-training only
     result = train_deepatlas(
         config.deepatlas, tiny_dataset, tmp_path / "run", synthetic_dir=synthetic
     )

@@ -28,6 +28,7 @@ QUICK = {
     "deepatlas.reg_steps_per_cycle": 1,
     "deepatlas.seg_steps_per_cycle": 1,
     "deepatlas.val_every": 2,
+    "deepatlas.val_cases": 1,  # 3 labeled training phantoms
     "deepatlas.checkpoint_every": 2,
     "evaluate.bootstrap_samples": 100,
 }

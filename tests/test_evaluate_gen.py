@@ -252,3 +252,10 @@ def test_anatomy_measures_are_the_same_on_a_volume_padded_with_background():
     classes[11:13, 3:5, 1:3] = 2  # a tumor on the inner wall
     padded = np.pad(classes, ((40, 25), (3, 60), (0, 0)))
     assert measure_anatomy(padded, SPACING) == measure_anatomy(classes, SPACING)
+
+
+def test_tumor_checks_are_not_applicable_when_no_tumor_is_predicted():
+    m = measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))
+    checks = plausibility(m, real_ranges([m], 0.2))
+    assert (checks["tumor_on_wall"], checks["tumor_in_bladder"]) == (None, None)
+    assert checks["plausible"]  # decided by the checks that apply

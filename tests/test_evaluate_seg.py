@@ -77,11 +77,16 @@ def test_identical_structures_score_dice_one_and_zero_distances():
     }
 
 
-def test_both_empty_is_a_perfect_score_and_one_empty_has_no_distance():
+def test_both_empty_is_counted_without_a_score_and_one_empty_has_no_distance():
     empty = np.zeros((8, 8, 4), bool)
     full = cube((8, 8, 4), (1, 1, 1), 2)
     both = score_structure(empty, empty, SPACING)
-    assert (both["status"], both["dice"], both["hd_mm"], both["asd_mm"]) == ("both_empty", 1, 0, 0)
+    assert (both["status"], both["dice"], both["hd_mm"], both["asd_mm"]) == (
+        "both_empty",
+        None,
+        None,
+        None,
+    )
     missed = score_structure(empty, full, SPACING)
     assert (missed["status"], missed["dice"], missed["hd_mm"]) == ("missed", 0.0, None)
     extra = score_structure(full, empty, SPACING)
@@ -135,10 +140,26 @@ def test_outputs_hold_per_case_rows_and_a_paired_difference_between_sets(tmp_pat
     assert wall_dice["mean_difference"] == pytest.approx(expected)
     assert wall_dice["ci_low"] <= wall_dice["mean_difference"] <= wall_dice["ci_high"]
     assert "Paired differences" in (out / "seg_report.md").read_text()
-    # tumor exists only in case_1: two both-empty cases count for Dice but not for distances
+    # tumor exists only in case_1: the two both-empty cases are counted, not scored
     tumor = summary["sets"]["exact"]["tumor"]
     assert tumor["status_counts"] == {"both_empty": 2, "ok": 1}
-    assert (tumor["dice"]["n"], tumor["hd_mm"]["n"]) == (3, 1)
+    assert (tumor["dice"]["n"], tumor["hd_mm"]["n"]) == (1, 1)
+    assert (tumor["detection_rate"], tumor["false_positive_rate"]) == (1.0, 0.0)
+
+
+def test_tumor_dice_is_over_tumor_cases_with_detection_and_false_positive_rates(tmp_path):
+    truth_cases = make_cases("classes")  # tumor in case_1 only
+    pred_cases = {k: v.copy() for k, v in truth_cases.items()}
+    pred_cases["case_1"][pred_cases["case_1"] == 2] = 1  # the tumor is missed
+    pred_cases["case_0"][3, 3, 2] = 2  # one false-positive tumor voxel in a tumor-free case
+    truth = write_labels(tmp_path / "truth", truth_cases)
+    pred = write_labels(tmp_path / "pred", pred_cases)
+    result = evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
+    summary = json.loads((tmp_path / "out" / "seg_summary.json").read_text())
+    tumor = summary["sets"]["pred"]["tumor"]
+    assert result["dice"]["pred"]["tumor"] == 0.0  # one tumor case, missed: not 2/3 from empties
+    assert (tumor["detection_rate"], tumor["false_positive_rate"]) == (0.0, 0.5)
+    assert tumor["status_counts"] == {"false_positive": 1, "missed": 1, "both_empty": 1}
 
 
 def test_missing_prediction_case_is_an_input_error_naming_it(tmp_path):

@@ -31,6 +31,7 @@ TINY_NETS = {
     "deepatlas.reg_pretrain_steps": 1,
     "deepatlas.seg_pretrain_steps": 2,
     "deepatlas.max_steps": 3,
+    "deepatlas.val_cases": 1,  # 4 labeled cases in the tiny set
     "deepatlas.device": "cpu",
 }
 

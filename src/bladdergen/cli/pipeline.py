@@ -37,11 +37,11 @@ def demo(
             "train-deepatlas, train-baseline, segment, evaluate.",
         ),
     ] = None,
-    train_cases: Annotated[int, typer.Option(help="Training phantoms.", min=3)] = 16,
+    train_cases: Annotated[int, typer.Option(help="Training phantoms.", min=3)] = 18,
     unlabeled_cases: Annotated[
         int, typer.Option(help="How many training phantoms have no label.", min=0)
     ] = 10,
-    test_cases: Annotated[int, typer.Option(help="Held-out labeled test phantoms.", min=1)] = 8,
+    test_cases: Annotated[int, typer.Option(help="Held-out labeled test phantoms.", min=1)] = 16,
     size: Annotated[
         int, typer.Option(help="In-plane size of the phantoms (voxels).", min=32)
     ] = 128,

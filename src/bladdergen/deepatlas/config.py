@@ -29,7 +29,22 @@ class DeepAtlasConfig:
 
     Losses: registration ``similarity + reg_weight·bending + anatomy_weight·Dice(S_m∘φ, S_t)``;
     segmentation ``anatomy_weight·Dice(S_m∘φ, S_t) + supervised_weight·(Dice + CE)`` on labeled
-    images. ``lncc_kernel`` is the local NCC window (voxels, odd).
+    images. ``lncc_kernel`` is the local NCC window (voxels, odd), averaged over the in-plane
+    pooling factors ``lncc_scales``. ``reg_weight`` multiplies the bending energy of the field *in
+    voxels* (mean squared second difference per voxel, MONAI ``normalize=False``). With
+    ``prealign`` the pair is first aligned by the moments of the filled bladder (manual label, else
+    F_S's prediction; :mod:`bladdergen.deepatlas.align`) and the net predicts the residual.
+    ``anatomy_filled_bladder`` compares wall and filled bladder (wall ∪ lumen ∪ tumor) instead of
+    the three classes. The supervised term is foreground-only batch Dice + cross-entropy weighted
+    by ``class_weights`` (background, wall, tumor); ``tumor_case_fraction`` of the supervised draws
+    pick a labeled case that has a tumor.
+
+    Gate: the segmentation-phase anatomy term is off until a validation finds the registration's
+    warped-label wall Dice above the identity's by ``anatomy_gate_margin`` (then it stays on).
+    ``reg_augment_weight``: registration as augmentation, a labeled image and its label warped onto
+    the other image of a segmentation pair, as an extra supervised pair (0 turns it off).
+    ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
+    anatomy plausibility check (:mod:`bladdergen.evaluate.anatomy`) leave the pool.
 
     Schedule (global step = one optimiser update of either network): ``reg_pretrain_steps`` of
     unsupervised registration, then ``seg_pretrain_steps`` of supervised segmentation, then cycles
@@ -52,10 +67,18 @@ class DeepAtlasConfig:
     integration_steps: int = 7
     activation_checkpointing: bool = True
     # losses
-    lncc_kernel: int = 3
-    reg_weight: float = 0.1
+    lncc_kernel: int = 7
+    lncc_scales: tuple[int, ...] = (1, 2, 4)
+    reg_weight: float = 1.0
+    prealign: bool = True
     anatomy_weight: float = 2.0
+    anatomy_filled_bladder: bool = True
+    anatomy_gate_margin: float = 0.02
     supervised_weight: float = 3.0
+    class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
+    tumor_case_fraction: float = 0.5
+    reg_augment_weight: float = 1.0
+    synthetic_filter: bool = True
     # optimisation and schedule
     reg_lr: float = 5e-4
     seg_lr: float = 1e-3
@@ -66,7 +89,7 @@ class DeepAtlasConfig:
     reg_steps_per_cycle: int = 40
     seg_steps_per_cycle: int = 5
     # validation, checkpoints, data
-    val_cases: int = 2
+    val_cases: int = 3
     val_every: int = 450
     checkpoint_every: int = 450
     log_every: int = 10
@@ -125,6 +148,23 @@ class DeepAtlasConfig:
         for key in ("reg_lr", "seg_lr"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"deepatlas.{key}: got {getattr(self, key)}, expected > 0")
+        if not self.lncc_scales or min(self.lncc_scales) < 1:
+            raise ConfigError(
+                f"deepatlas.lncc_scales: got {list(self.lncc_scales)}, expected pooling factors >= 1"
+            )
+        if len(self.class_weights) != 3 or min(self.class_weights) <= 0:
+            raise ConfigError(
+                f"deepatlas.class_weights: got {list(self.class_weights)}, expected 3 positive "
+                "weights (background, wall, tumor)"
+            )
+        if not 0.0 <= self.tumor_case_fraction <= 1.0:
+            raise ConfigError(
+                f"deepatlas.tumor_case_fraction: got {self.tumor_case_fraction}, expected in [0, 1]"
+            )
+        if self.reg_augment_weight < 0:
+            raise ConfigError(
+                f"deepatlas.reg_augment_weight: got {self.reg_augment_weight}, expected >= 0"
+            )
         if not 0.0 <= self.sw_overlap < 1.0:
             raise ConfigError(f"deepatlas.sw_overlap: got {self.sw_overlap}, expected in [0, 1)")
 
@@ -137,14 +177,16 @@ TINY = {
     "reg_inplane_downsample": 1,
     "activation_checkpointing": False,
     # A thin wall on a 64x64 grid needs ~300 segmentation updates at 3e-3 before it shows up at all
-    # (measured on phantom training cases); fewer updates at 1e-3 predict background only.
+    # (measured on phantom training cases); fewer updates at 1e-3 predict background only. The
+    # alternation starts after 300, once F_S predicts a wall (its pseudo-labels are not empty):
+    # 400 segmentation updates in all, the same for the supervised baseline.
     "seg_lr": 3e-3,
     "max_steps": 700,
     "reg_pretrain_steps": 100,
-    "seg_pretrain_steps": 250,
+    "seg_pretrain_steps": 300,
     "reg_steps_per_cycle": 10,
     "seg_steps_per_cycle": 5,
-    "val_cases": 1,
+    "val_cases": 3,
     "val_every": 50,
     "checkpoint_every": 50,
     "log_every": 5,

@@ -1,12 +1,20 @@
 """DeepAtlas losses (SPEC §1.5), built from MONAI parts.
 
-- similarity: local normalised cross-correlation, -LNCC² in [-1, 0] (MONAI); computed in float32
-  with TF32 off, because TF32 can make the local variance negative and the loss hugely negative.
-- regularity: bending energy of the displacement field, ``normalize=True`` so the weight does not
-  depend on the volume size (MONAI 1.6 stencil).
-- anatomy: soft Dice between the warped moving segmentation and the target segmentation, both
-  probabilities over (background, wall, tumor); zero for identical segmentations.
-- supervised: Dice + cross-entropy of segmentation logits against manual class labels.
+- similarity: local normalised cross-correlation, -LNCC² in [-1, 0] (MONAI), averaged over an
+  in-plane pyramid (``lncc_scales``: average-pooling factors in X and Y) so that a window of
+  ``lncc_kernel`` voxels also sees offsets of several voxels; computed in float32 with TF32 off,
+  because TF32 can make the local variance negative and the loss hugely negative.
+- regularity: bending energy of the displacement field **in voxel units** (``normalize=False``,
+  MONAI 1.6 stencil): the mean over voxels of the squared second differences of the field in
+  voxels. ``normalize=True`` would treat the field as a fraction of the volume and multiply its
+  energy by ~size² per axis (~2,200 in-plane and ~15,000 along Z at 64x64x24), which made the
+  old weight ~200x too stiff.
+- anatomy: soft Dice between the warped moving segmentation and the target segmentation. The
+  channels are built by :func:`anatomy_channels`: the wall and the *filled bladder* (wall ∪ lumen ∪
+  tumor), whose overlap still grows when thin walls do not touch yet (a capture range). Tumors
+  are not compared: another patient's tumor is no label for this one.
+- supervised: foreground-only Dice over the whole batch (a class of 0.02 % of the voxels keeps a
+  useful gradient) + class-weighted cross-entropy, from logits and manual class labels.
 """
 
 from __future__ import annotations
@@ -15,12 +23,10 @@ import contextlib
 import warnings
 
 import torch
-from monai.losses import (
-    BendingEnergyLoss,
-    DiceCELoss,
-    DiceLoss,
-    LocalNormalizedCrossCorrelationLoss,
-)
+import torch.nn.functional as F
+from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrelationLoss
+
+from bladdergen.deepatlas.align import filled_bladder_from_probs
 
 
 def disable_tf32() -> None:
@@ -39,37 +45,78 @@ def _full_precision(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 class DeepAtlasLosses(torch.nn.Module):
     """The four loss terms; shapes (B, C, X, Y, Z), images in [-1, 1], fields in voxels."""
 
-    def __init__(self, lncc_kernel: int = 3) -> None:
+    def __init__(
+        self,
+        lncc_kernel: int = 3,
+        lncc_scales: tuple[int, ...] = (1,),
+        class_weights: tuple[float, ...] = (1.0, 1.0, 1.0),
+    ) -> None:
         super().__init__()
         self.lncc = LocalNormalizedCrossCorrelationLoss(
             spatial_dims=3, kernel_size=lncc_kernel, kernel_type="rectangular"
         )
-        self.bending = BendingEnergyLoss(normalize=True)
+        self.lncc_scales = tuple(lncc_scales)
+        self.bending = BendingEnergyLoss(normalize=False)
         # soft_label: the target may be a probability map (F_S's prediction), not one-hot
         self.dice = DiceLoss(include_background=True, soft_label=True)
-        self.dice_ce = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True)
+        # batch=True: one Dice over the batch, so a tumor-free case does not score a tumor
+        # channel on its own; background excluded (it is 99 % of the voxels)
+        self.fg_dice = DiceLoss(
+            include_background=False, to_onehot_y=True, softmax=True, batch=True
+        )
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
 
     def similarity(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """-LNCC² of two images (B, 1, X, Y, Z); -1 for identical images."""
+        """-LNCC² of two images (B, 1, X, Y, Z), averaged over the in-plane pyramid; -1 for
+        identical images."""
         with _full_precision(warped):
-            return self.lncc(warped.float(), target.float())
+            warped, target = warped.float(), target.float()
+            terms = []
+            for factor in self.lncc_scales:
+                if factor > 1:
+                    pool = (factor, factor, 1)
+                    a, b = F.avg_pool3d(warped, pool, pool), F.avg_pool3d(target, pool, pool)
+                else:
+                    a, b = warped, target
+                terms.append(self.lncc(a, b))
+            return torch.stack(terms).mean()
 
     def regularity(self, field: torch.Tensor) -> torch.Tensor:
-        """Normalised bending energy of a field (B, 3, X, Y, Z); every spatial size must be > 2."""
+        """Bending energy of a field (B, 3, X, Y, Z) in voxels, per voxel; spatial sizes > 2."""
         with _full_precision(field), warnings.catch_warnings():
             # MONAI 1.6.1 indexes with a list inside BendingEnergyLoss; torch warns on every call.
             warnings.filterwarnings("ignore", message="Using a non-tuple sequence")
             return self.bending(field.float())
 
     def anatomy(self, warped_moving: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Soft Dice loss of two probability maps (B, 3, X, Y, Z) (averaged over classes)."""
+        """Soft Dice loss of two maps (B, C, X, Y, Z) in [0, 1] (averaged over channels)."""
         with _full_precision(target):
             return self.dice(warped_moving.float(), target.float())
 
     def supervised(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Dice + cross-entropy of logits (B, 3, X, Y, Z) against class labels (B, 1, X, Y, Z)."""
+        """Foreground batch Dice + class-weighted cross-entropy of logits (B, 3, X, Y, Z) against
+        class labels (B, 1, X, Y, Z)."""
         with _full_precision(logits):
-            return self.dice_ce(logits.float(), classes)
+            logits = logits.float()
+            dice = self.fg_dice(logits, classes)
+            ce = F.cross_entropy(logits, classes[:, 0].long(), weight=self.class_weights)
+            return dice + ce
+
+
+def anatomy_channels(probs: torch.Tensor, filled: bool = True) -> torch.Tensor:
+    """The maps the anatomy loss compares, from probabilities or one-hot (B, 3, X, Y, Z).
+
+    With ``filled``: (B, 2, X, Y, Z) = wall, filled bladder. The filled bladder is
+    ``1 - p_bg`` outside the lumen and 1 inside it (lumen: the background that the argmax's wall
+    and tumor enclose in an axial slice), so it stays differentiable in ``probs``. Without: the
+    three class probabilities as they are.
+    """
+    if not filled:
+        return probs
+    organ = filled_bladder_from_probs(probs)
+    lumen = (organ & (probs.detach().argmax(dim=1) == 0)).to(probs.dtype)
+    bladder = 1.0 - probs[:, 0] * (1.0 - lumen)
+    return torch.stack([probs[:, 1], bladder], dim=1)
 
 
 def one_hot(classes: torch.Tensor, n_classes: int = 3) -> torch.Tensor:

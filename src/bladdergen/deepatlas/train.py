@@ -25,13 +25,20 @@ import torch
 
 from bladdergen import checkpoint as ckpt
 from bladdergen.data.dataset import CLASS_NAMES, CaseRecord, PreprocessedSet
+from bladdergen.deepatlas.align import (
+    compose,
+    filled_bladder,
+    filled_bladder_from_probs,
+    prealignment,
+)
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.fields import Warper, folding_fraction
-from bladdergen.deepatlas.losses import DeepAtlasLosses, disable_tf32, one_hot
+from bladdergen.deepatlas.losses import DeepAtlasLosses, anatomy_channels, disable_tf32, one_hot
 from bladdergen.deepatlas.networks import RegistrationNet, SegmentationNet, portable_state_dict
 from bladdergen.deepatlas.pairs import (
     REG,
     REG_PRETRAIN,
+    SEG,
     SUPERVISED,
     labeled_batch,
     phase_of,
@@ -43,7 +50,7 @@ from bladdergen.deepatlas.pairs import (
 from bladdergen.deepatlas.pools import PoolImage, VolumeCache, pool_from_folder, split_labeled
 from bladdergen.deepatlas.segment import dice_per_class, predict_classes
 from bladdergen.engine.run import RunFolder, RunKind, unwrap
-from bladdergen.errors import InputError
+from bladdergen.errors import ConfigError, InputError
 from bladdergen.fileio import atomic_write_json
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, autocast, main_process_first, start_runtime
@@ -75,6 +82,21 @@ class _Images:
         """(B, 1, X, Y, Z) int64 classes of labeled images."""
         arrays = [self.cache.get(self.items[i].label_path, np.uint8) for i in indices]
         return torch.from_numpy(np.stack(arrays).astype(np.int64))[:, None].to(device)
+
+    def tumor_cases(self) -> list[int]:
+        """Indices of the labeled images whose label holds tumor voxels."""
+        return [
+            i
+            for i in range(self.n_labeled)
+            if (self.cache.get(self.items[i].label_path, np.uint8) == 2).any()
+        ]
+
+    def with_unlabeled(self, keep: list[str]) -> _Images:
+        """The same labeled images with only the unlabeled ones whose case id is in ``keep``."""
+        kept = [p for p in self.items[self.n_labeled :] if p.case_id in keep]
+        subset = _Images(self.items[: self.n_labeled], kept, self.cache.capacity)
+        subset.cache = self.cache
+        return subset
 
 
 def _check_shapes(items: list[PoolImage], shape: tuple[int, ...], multiple: tuple[int, ...]):
@@ -119,6 +141,7 @@ def train_deepatlas(
     match the run, TrainingDiverged when a loss becomes non-finite.
     """
     mode = MODE_SUPERVISED if supervised_only else MODE_DEEPATLAS
+    check_budget(cfg, supervised_only)
     runtime = start_runtime(cfg.device)
     disable_tf32()
 
@@ -174,12 +197,16 @@ def train_deepatlas(
     seg_net.roi_size = shape
     seg_opt = torch.optim.Adam(seg_net.parameters(), lr=cfg.seg_lr)
     reg_opt = torch.optim.Adam(reg_net.parameters(), lr=cfg.reg_lr) if reg_net else None
-    losses = DeepAtlasLosses(cfg.lncc_kernel).to(runtime.device)
+    losses = DeepAtlasLosses(cfg.lncc_kernel, cfg.lncc_scales, cfg.class_weights)
+    losses = losses.to(runtime.device)
     warper = Warper().to(runtime.device)
     stateful = {"seg_net": seg_net, "reg_net": reg_net, "seg_opt": seg_opt, "reg_opt": reg_opt}
     run.restore(**stateful)
     best_score = run.state["best_score"] if run.state else -math.inf
     best_step = run.state["best_step"] if run.state else None
+    # the anatomy gate, and the unlabeled ids left after the synthetic filter (None: not yet run)
+    gate_open = run.state["gate_open"] if run.state else False
+    kept_unlabeled = run.state["kept_unlabeled"] if run.state else None
     seg_ddp = run.wrap(seg_net)
     reg_ddp = run.wrap(reg_net) if reg_net is not None else None
 
@@ -199,6 +226,8 @@ def train_deepatlas(
         _save_weights(path, seg_net, reg_net, {**metadata, "step": run.step, **extra})
 
     images = _Images(labeled, unlabeled, cfg.cache_volumes)
+    if kept_unlabeled is not None:
+        images = images.with_unlabeled(kept_unlabeled)
     val_images = _Images(validation, [], cfg.cache_volumes)
     total = segmentation_updates(cfg, cfg.max_steps) if supervised_only else cfg.max_steps
     last_val: dict[str, Any] = {}
@@ -206,27 +235,47 @@ def train_deepatlas(
     for step in run.steps(total, log_every=cfg.log_every, description=description, show=("loss",)):
         phase = SUPERVISED if supervised_only else phase_of(step, cfg)
         rng = step_rng(seed, step, runtime.rank)
+        if kept_unlabeled is None and phase in (REG, SEG):  # pre-training just ended
+            kept_unlabeled, record = filter_synthetic(images, seg_net, cfg, spacing, runtime)
+            images = images.with_unlabeled(kept_unlabeled)
+            run.log(step, record)
         if phase in (REG_PRETRAIN, REG):
             terms = _registration_step(
                 phase, rng, images, seg_ddp, reg_ddp, reg_opt, losses, warper, cfg, runtime
             )
         else:
             terms = _segmentation_step(
-                phase, rng, images, seg_ddp, reg_ddp, seg_opt, losses, warper, cfg, runtime
+                phase,
+                rng,
+                images,
+                seg_ddp,
+                reg_ddp,
+                seg_opt,
+                losses,
+                warper,
+                cfg,
+                runtime,
+                anatomy_on=gate_open,
             )
         done = run.end_step(step, terms, phase=phase)
         # scoring only starts once F_S has been trained: an untrained net that paints "wall"
         # over a region can out-score one that predicts nothing and would be kept as "best"
         seg_trained = supervised_only or done > cfg.reg_pretrain_steps
         if runtime.is_main and val_images.items and seg_trained and run.due(done, cfg.val_every):
-            last_val = validate(seg_net, reg_net, val_images, images, warper, runtime)
+            last_val = validate(seg_net, reg_net, val_images, images, warper, runtime, cfg.prealign)
+            if reg_net is not None:
+                gate_open = gate_open or registration_beats_identity(last_val, cfg)
+                last_val["anatomy_gate"] = gate_open
             improved = last_val["dice_mean"] > best_score
             if improved:
                 best_score, best_step = last_val["dice_mean"], done
                 write_weights(run.path / ckpt.BEST_WEIGHTS_NAME, validation=last_val)
             run.log_validation(done, {**last_val, "best": improved})
+        if runtime.distributed and reg_net is not None and run.due(done, cfg.val_every):
+            gate_open = _from_main_rank(gate_open, runtime)  # rank 0 validated
         if run.due(done, cfg.checkpoint_every):
-            scores = {"best_score": best_score, "best_step": best_step}
+            scores = {"best_score": best_score, "best_step": best_step, "gate_open": gate_open}
+            scores["kept_unlabeled"] = kept_unlabeled
             run.save(done, stateful, write_weights, extra=scores)
 
     updates = segmentation_updates(cfg, cfg.max_steps)
@@ -238,6 +287,8 @@ def train_deepatlas(
         validation_cases=len(validation),
         unlabeled_images=sum(p.source == "unlabeled" for p in unlabeled),
         synthetic_images=sum(p.source == "synthetic" for p in unlabeled),
+        synthetic_images_kept=sum(p.source == "synthetic" for p in images.items),
+        anatomy_gate_open=gate_open,
         best_step=best_step,
         best_dice_mean=None if best_step is None else best_score,
         last_validation=last_val,
@@ -256,76 +307,207 @@ def _ids(images: list[PoolImage]) -> list[str]:
 # One step of each kind
 
 
+def check_budget(cfg: DeepAtlasConfig, supervised_only: bool) -> None:
+    """ConfigError (exit 2) when ``max_steps`` ends inside pre-training: the run would stop with a
+    segmentation net that never saw its pre-training budget, or a registration net never trained.
+    The message says what would fit."""
+    pretrain = cfg.reg_pretrain_steps + cfg.seg_pretrain_steps
+    if supervised_only or cfg.max_steps >= pretrain:
+        return
+    updates = segmentation_updates(cfg, cfg.max_steps)
+    raise ConfigError(
+        f"deepatlas.max_steps (--max-steps): got {cfg.max_steps}, shorter than pre-training "
+        f"(reg_pretrain_steps {cfg.reg_pretrain_steps} + seg_pretrain_steps "
+        f"{cfg.seg_pretrain_steps} = {pretrain}); the segmentation net would get {updates} of its "
+        f"{cfg.seg_pretrain_steps} pre-training updates. Give --max-steps >= {pretrain} "
+        f"({pretrain + cfg.reg_steps_per_cycle + cfg.seg_steps_per_cycle} for one alternating "
+        "cycle), or lower deepatlas.reg_pretrain_steps / seg_pretrain_steps"
+    )
+
+
+def registration_beats_identity(validation: dict[str, Any], cfg: DeepAtlasConfig) -> bool:
+    """The anatomy gate: the warped-label wall Dice of the validation pairs exceeds the identity's
+    (labels not moved) by ``cfg.anatomy_gate_margin``."""
+    registered, identity = validation.get("registration_dice"), validation.get("identity_dice")
+    if registered is None or identity is None:
+        return False
+    return registered >= identity + cfg.anatomy_gate_margin
+
+
+def filter_synthetic(
+    images: _Images, seg_net: SegmentationNet, cfg: DeepAtlasConfig, spacing, rt: Runtime
+) -> tuple[list[str], dict[str, Any]]:
+    """Case ids of the unlabeled images that stay in the pool after pre-training, and a log record.
+
+    Real unlabeled scans always stay. With ``cfg.synthetic_filter`` a synthetic volume stays only
+    when F_S's segmentation of it passes the anatomy plausibility check
+    (:func:`bladdergen.evaluate.anatomy.plausibility`) against the ranges of the labeled training
+    cases' manual labels (25 % margin).
+    """
+    from bladdergen.evaluate.anatomy import measure_anatomy, plausibility, real_ranges
+
+    unlabeled = images.items[images.n_labeled :]
+    synthetic = [i for i, p in enumerate(unlabeled, images.n_labeled) if p.source == "synthetic"]
+    keep = [p.case_id for p in unlabeled if p.source != "synthetic"]
+    record = {"phase": "synthetic_filter", "synthetic": len(synthetic), "kept": len(synthetic)}
+    if not cfg.synthetic_filter:
+        return keep + [images.items[i].case_id for i in synthetic], record
+    labels = [images.labels([i], rt.device)[0, 0].cpu().numpy() for i in range(images.n_labeled)]
+    ranges = real_ranges([measure_anatomy(c, spacing) for c in labels], margin=0.25)
+    kept = 0
+    for index in synthetic:
+        classes = predict_classes(seg_net, images.images([index], rt.device)).cpu().numpy()
+        if plausibility(measure_anatomy(classes, spacing), ranges)["plausible"]:
+            keep.append(images.items[index].case_id)
+            kept += 1
+    record["kept"] = kept
+    return keep, record
+
+
+def _pair_field(reg_net, warper, moving, target, mask_m, mask_t, prealign: bool, rt):
+    """Field (B, 3, X, Y, Z) voxels of moving -> target: the net's residual after the moments
+    pre-alignment of the filled-bladder masks (B, X, Y, Z) when ``prealign``, else the net alone.
+    Runs with or without gradients as the caller's context says."""
+    if not prealign:
+        with autocast(rt.device):
+            return reg_net(moving, target).float()
+    shift, scale = prealignment(mask_m, mask_t)
+    with autocast(rt.device):
+        residual = reg_net(warper(moving, shift), target).float()
+    return compose(shift, scale, residual)
+
+
 def _registration_step(phase, rng, images, seg_net, reg_net, reg_opt, losses, warper, cfg, rt):
-    """Registration update, segmentation frozen: similarity + λ_r·bending (+ λ_a·anatomy)."""
+    """Registration update, segmentation frozen: similarity + λ_r·bending (+ λ_a·anatomy).
+
+    In pre-training F_S is untrained, so only manual labels pre-align (an unlabeled image gets no
+    pre-alignment); afterwards F_S's prediction stands in for a missing label.
+    """
     pairs = registration_pairs(rng, len(images.items), cfg.batch_size)
     moving_idx, target_idx = [p[0] for p in pairs], [p[1] for p in pairs]
     moving = images.images(moving_idx, rt.device)
     target = images.images(target_idx, rt.device)
+    net = None if phase == REG_PRETRAIN else unwrap(seg_net)
+    seg_m = _segmentations(moving_idx, moving, images, net, rt)
+    seg_t = _segmentations(target_idx, target, images, net, rt)
     reg_net.train()
-    with autocast(rt.device):
-        field = reg_net(moving, target)
-    field = field.float()
+    field = _pair_field(
+        reg_net,
+        warper,
+        moving,
+        target,
+        filled_bladder_from_probs(seg_m),
+        filled_bladder_from_probs(seg_t),
+        cfg.prealign,
+        rt,
+    )
     similarity = losses.similarity(warper(moving, field), target)
     regularity = losses.regularity(field)
     loss = similarity + cfg.reg_weight * regularity
     terms = {"similarity": float(similarity.detach()), "regularity": float(regularity.detach())}
     if phase == REG and cfg.anatomy_weight > 0:
-        seg_m = _segmentations(moving_idx, moving, images, unwrap(seg_net), rt)
-        seg_t = _segmentations(target_idx, target, images, unwrap(seg_net), rt)
-        anatomy = losses.anatomy(warper(seg_m, field), seg_t)
+        filled = cfg.anatomy_filled_bladder
+        warped = warper(anatomy_channels(seg_m, filled), field)
+        anatomy = losses.anatomy(warped, anatomy_channels(seg_t, filled))
         loss = loss + cfg.anatomy_weight * anatomy
-        terms["anatomy"] = float(anatomy)
+        terms["anatomy"] = float(anatomy.detach())
     reg_opt.zero_grad(set_to_none=True)
     loss.backward()
     reg_opt.step()
-    return {"loss": float(loss), **terms, "folding": folding_fraction(field)}
+    return {"loss": float(loss.detach()), **terms, "folding": folding_fraction(field)}
 
 
-def _segmentation_step(phase, rng, images, seg_net, reg_net, seg_opt, losses, warper, cfg, rt):
+def _supervised_draw(rng, images, cfg) -> list[int]:
+    """Labeled indices of a supervised batch: with probability ``tumor_case_fraction`` each draw
+    picks a tumor-bearing case (when there is one), else any labeled case."""
+    tumors = images.tumor_cases() if cfg.tumor_case_fraction > 0 else []
+    indices = labeled_batch(rng, images.n_labeled, cfg.batch_size)
+    if not tumors:
+        return indices
+    return [
+        tumors[int(rng.integers(len(tumors)))] if rng.random() < cfg.tumor_case_fraction else i
+        for i in indices
+    ]
+
+
+def _segmentation_step(
+    phase, rng, images, seg_net, reg_net, seg_opt, losses, warper, cfg, rt, anatomy_on=True
+):
     """Segmentation update, registration frozen.
 
     Pre-training and the baseline: Dice + CE on a batch of labeled images. Alternating phase:
-    λ_a·Dice(S_m∘φ, S_t) + λ_sp·(Dice + CE on the labeled images of the pair), pairs with at least
-    one labeled image only.
+    λ_a·Dice(S_m∘φ, S_t) (only once the anatomy gate is open, ``anatomy_on``) + λ_sp·(Dice + CE on
+    the labeled images of the pair) + ``reg_augment_weight``·λ_sp·(Dice + CE on each labeled moving
+    image warped onto its target with its warped label: registration as augmentation); pairs with
+    at least one labeled image only.
     """
     seg_net.train()
-    if phase != "seg":
-        indices = labeled_batch(rng, images.n_labeled, cfg.batch_size)
+    if phase != SEG:
+        indices = _supervised_draw(rng, images, cfg)
         with autocast(rt.device):
             logits = seg_net(images.images(indices, rt.device))
         loss = losses.supervised(logits, images.labels(indices, rt.device))
         seg_opt.zero_grad(set_to_none=True)
         loss.backward()
         seg_opt.step()
-        return {"loss": float(loss), "supervised": float(loss)}
+        return {"loss": float(loss.detach()), "supervised": float(loss.detach())}
 
     n_unlabeled = len(images.items) - images.n_labeled
     pairs = segmentation_pairs(rng, images.n_labeled, n_unlabeled, cfg.batch_size)
     moving_idx, target_idx = [p[0] for p in pairs], [p[1] for p in pairs]
     moving = images.images(moving_idx, rt.device)
     target = images.images(target_idx, rt.device)
-    with torch.no_grad(), autocast(rt.device):
-        field = unwrap(reg_net).eval()(moving, target)
-    field = field.float()
-    # one forward for moving and target together (DDP allows one forward per backward)
-    with autocast(rt.device):
-        logits = seg_net(torch.cat([moving, target])).float()
-    probs = torch.softmax(logits, dim=1)
     batch = len(pairs)
-    seg_m = _with_manual_labels(moving_idx, probs[:batch], images, rt)
-    seg_t = _with_manual_labels(target_idx, probs[batch:], images, rt)
-    anatomy = losses.anatomy(warper(seg_m, field), seg_t)
+    with torch.no_grad():
+        frozen_m = _segmentations(moving_idx, moving, images, unwrap(seg_net), rt)
+        frozen_t = _segmentations(target_idx, target, images, unwrap(seg_net), rt)
+        seg_net.train()
+        field = _pair_field(
+            unwrap(reg_net).eval(),
+            warper,
+            moving,
+            target,
+            filled_bladder_from_probs(frozen_m),
+            filled_bladder_from_probs(frozen_t),
+            cfg.prealign,
+            rt,
+        )
+    augment_rows = [row for row, i in enumerate(moving_idx) if i < images.n_labeled]
+    augment = cfg.reg_augment_weight > 0 and bool(augment_rows)
+    inputs = [moving, target]
+    if augment:
+        with torch.no_grad():
+            rows = torch.tensor(augment_rows, device=rt.device)
+            inputs.append(warper(moving[rows], field[rows]))
+            hot = one_hot(images.labels([moving_idx[r] for r in augment_rows], rt.device))
+            augment_labels = warper(hot, field[rows]).argmax(dim=1, keepdim=True)
+    # one forward for every image of the step (DDP allows one forward per backward)
+    with autocast(rt.device):
+        logits = seg_net(torch.cat(inputs)).float()
+    probs = torch.softmax(logits[: 2 * batch], dim=1)
     all_idx = moving_idx + target_idx
     labeled_rows = [row for row, i in enumerate(all_idx) if i < images.n_labeled]
     supervised = losses.supervised(
         logits[labeled_rows], images.labels([all_idx[r] for r in labeled_rows], rt.device)
     )
-    loss = cfg.anatomy_weight * anatomy + cfg.supervised_weight * supervised
+    loss = cfg.supervised_weight * supervised
+    terms = {"supervised": float(supervised.detach()), "anatomy_on": bool(anatomy_on)}
+    if anatomy_on and cfg.anatomy_weight > 0:
+        filled = cfg.anatomy_filled_bladder
+        seg_m = _with_manual_labels(moving_idx, probs[:batch], images, rt)
+        seg_t = _with_manual_labels(target_idx, probs[batch:], images, rt)
+        warped = warper(anatomy_channels(seg_m, filled), field)
+        anatomy = losses.anatomy(warped, anatomy_channels(seg_t, filled))
+        loss = loss + cfg.anatomy_weight * anatomy
+        terms["anatomy"] = float(anatomy.detach())
+    if augment:
+        augmented = losses.supervised(logits[2 * batch :], augment_labels)
+        loss = loss + cfg.reg_augment_weight * cfg.supervised_weight * augmented
+        terms["augmented"] = float(augmented.detach())
     seg_opt.zero_grad(set_to_none=True)
     loss.backward()
     seg_opt.step()
-    return {"loss": float(loss), "anatomy": float(anatomy), "supervised": float(supervised)}
+    return {"loss": float(loss.detach()), **terms}
 
 
 def _with_manual_labels(indices, probs, images, rt) -> torch.Tensor:
@@ -340,7 +522,12 @@ def _with_manual_labels(indices, probs, images, rt) -> torch.Tensor:
 
 
 def _segmentations(indices, volume, images, seg_net, rt) -> torch.Tensor:
-    """S for each image: one-hot manual label where present, else the frozen F_S's softmax."""
+    """S for each image: one-hot manual label where present, else the frozen F_S's softmax
+    (all background when ``seg_net`` is None: no prediction to stand in)."""
+    if seg_net is None:
+        probs = torch.zeros((volume.shape[0], 3, *volume.shape[2:]), device=volume.device)
+        probs[:, 0] = 1.0
+        return _with_manual_labels(indices, probs, images, rt)
     with torch.no_grad(), autocast(rt.device):
         seg_net.eval()
         probs = torch.softmax(seg_net(volume).float(), dim=1)
@@ -359,13 +546,18 @@ def validate(
     train_images: _Images,
     warper: Warper,
     runtime: Runtime,
+    prealign: bool = True,
 ) -> dict[str, Any]:
-    """Score the held-out labeled cases: per-class segmentation Dice (wall, tumor), and for the
-    registration net, registration Dice and folding fraction of each validation case registered
-    to a labeled training case. Classes absent from both prediction and truth are skipped.
+    """Score the held-out labeled cases.
+
+    Segmentation: per-class Dice (wall, tumor; a class absent from both prediction and truth is
+    skipped) and their mean. Registration (each validation case registered to a labeled training
+    case, pre-aligned by F_S's prediction for the validation case, never by its label): the
+    warped-label wall Dice ``registration_dice`` beside ``identity_dice`` (labels not moved),
+    the same two over the filled bladder, and the folding fraction.
     """
     seg_net.eval()
-    wall, tumor, reg_dice, folding = [], [], [], []
+    wall, tumor, reg_dice, identity, reg_bladder, identity_bladder, folding = ([] for _ in range(7))
     for index in range(len(val_images.items)):
         image = val_images.images([index], runtime.device)
         truth = val_images.labels([index], runtime.device)[0, 0]
@@ -377,10 +569,20 @@ def validate(
             reg_net.eval()
             partner = index % train_images.n_labeled
             target = train_images.images([partner], runtime.device)
-            field = reg_net(image, target).float()
-            warped = warper(one_hot(truth[None, None]), field).argmax(dim=1)[0]
             target_truth = train_images.labels([partner], runtime.device)[0, 0]
-            reg_dice.append(_nanmean(list(dice_per_class(warped, target_truth)[1:])))
+            mask_m = torch.from_numpy(filled_bladder(predicted.cpu().numpy()))[None]
+            mask_t = torch.from_numpy(filled_bladder(target_truth.cpu().numpy()))[None]
+            mask_m, mask_t = mask_m.to(runtime.device), mask_t.to(runtime.device)
+            field = _pair_field(reg_net, warper, image, target, mask_m, mask_t, prealign, runtime)
+            warped = warper(one_hot(truth[None, None]), field).argmax(dim=1)[0]
+            reg_dice.append(dice_per_class(warped, target_truth)[1])
+            identity.append(dice_per_class(truth, target_truth)[1])
+            reg_bladder.append(
+                _mask_dice(filled_bladder(warped.cpu().numpy()), mask_t[0].cpu().numpy())
+            )
+            identity_bladder.append(
+                _mask_dice(filled_bladder(truth.cpu().numpy()), mask_t[0].cpu().numpy())
+            )
             folding.append(folding_fraction(field))
     result = {
         "dice_wall": _nanmean(wall),
@@ -391,8 +593,26 @@ def validate(
         result["dice_mean"] = 0.0
     if reg_net is not None:
         result["registration_dice"] = _nanmean(reg_dice)
+        result["identity_dice"] = _nanmean(identity)
+        result["registration_dice_bladder"] = _nanmean(reg_bladder)
+        result["identity_dice_bladder"] = _nanmean(identity_bladder)
         result["folding"] = float(np.mean(folding))
     return result
+
+
+def _mask_dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return float(2.0 * (a & b).sum() / total) if total else float("nan")
+
+
+def _from_main_rank(flag: bool, rt: Runtime) -> bool:
+    """Rank 0's value of ``flag`` on every rank (DDP)."""
+    import torch.distributed as dist
+
+    shared = torch.tensor([float(flag)], device=rt.device)
+    dist.broadcast(shared, src=0)
+    return bool(shared.item())
 
 
 def _nanmean(values: list[float | None]) -> float | None:

@@ -184,14 +184,20 @@ def real_ranges(measurements: list[dict[str, Any]], margin: float) -> dict[str, 
 
 
 def plausibility(measurement: dict[str, Any], ranges: dict[str, list[float]]) -> dict[str, Any]:
-    """The individual checks and their conjunction ``plausible`` for one measured volume."""
+    """The individual checks and their conjunction ``plausible`` for one measured volume.
+
+    The tumor checks are ``None`` (n/a, not a pass) when no tumor is predicted; ``plausible`` is
+    the conjunction of the checks that apply.
+    """
+    no_tumor = measurement["tumor_voxels"] == 0
     checks = {
         "has_wall": measurement["wall_voxels"] > 0,
         "one_connected_wall": measurement["wall_main_component"] >= MIN_MAIN_COMPONENT,
         "encloses_lumen": measurement["lumen_ml"] > 0,
-        "tumor_on_wall": measurement["tumor_touches_wall"] is not False,
-        "tumor_in_bladder": measurement["tumor_inside_fraction"] is None
-        or measurement["tumor_inside_fraction"] >= MIN_TUMOR_INSIDE,
+        "tumor_on_wall": None if no_tumor else bool(measurement["tumor_touches_wall"]),
+        "tumor_in_bladder": None
+        if no_tumor
+        else (measurement["tumor_inside_fraction"] or 0.0) >= MIN_TUMOR_INSIDE,
     }
     for key, check in (
         ("wall_thickness_mm", "thickness_in_range"),
@@ -200,5 +206,5 @@ def plausibility(measurement: dict[str, Any], ranges: dict[str, list[float]]) ->
         value = measurement[key]
         low, high = ranges.get(key, [-np.inf, np.inf])
         checks[check] = value is not None and low <= value <= high
-    checks["plausible"] = all(checks.values())
+    checks["plausible"] = all(v for v in checks.values() if v is not None)
     return checks

@@ -379,8 +379,14 @@ def anatomy_summary(
         for analysis in analyses[group]:
             analysis.anatomy["checks"] = plausibility(analysis.anatomy, ranges)
             checks.append(analysis.anatomy["checks"])
-        result[group] = {name: float(np.mean([c[name] for c in checks])) for name in checks[0]}
+        # a check that does not apply (None: no tumor predicted) is left out, not passed
+        result[group] = {name: _applicable_mean([c[name] for c in checks]) for name in checks[0]}
     return result
+
+
+def _applicable_mean(values: list[bool | None]) -> float | None:
+    applicable = [float(v) for v in values if v is not None]
+    return float(np.mean(applicable)) if applicable else None
 
 
 def diversity_summary(

@@ -3,11 +3,15 @@
 Every prediction folder is matched to the truth folder by case id; each case is scored per class
 (wall, tumor). Empty structures are handled explicitly, never as NaN surprises:
 
-- both empty: Dice 1, distances 0 (status ``both_empty``);
+- both empty: Dice and distances undefined (``None``, status ``both_empty``): counted, never
+  averaged in as a perfect score;
 - one empty: Dice 0, distances undefined (``None``; status ``missed`` when the prediction is empty,
   ``false_positive`` when the truth is);
-- otherwise ``ok``. Distance summaries and paired distance differences use the ``ok`` cases only
-  and say how many that is.
+- otherwise ``ok``. Dice summaries use the cases whose truth holds the structure (a tumor Dice is
+  over the tumor cases); beside them, the *detection rate* (share of those cases where the
+  prediction overlaps the truth) and the *false-positive rate* (share of the cases without the
+  structure where something is predicted). Distance summaries and paired distance differences use
+  the ``ok`` cases only and say how many that is.
 
 With several prediction folders, each is compared with the first (the reference) on the cases and
 classes where both have a value: mean paired difference and a seeded percentile-bootstrap CI.
@@ -65,7 +69,7 @@ def score_structure(
         "volume_diff_ml": (n_pred - n_truth) * voxel_ml,
     }
     if n_pred == 0 and n_truth == 0:
-        return {"status": "both_empty", "dice": 1.0, "hd_mm": 0.0, "asd_mm": 0.0, **result}
+        return {"status": "both_empty", "dice": None, "hd_mm": None, "asd_mm": None, **result}
     if n_pred == 0 or n_truth == 0:
         status = "missed" if n_pred == 0 else "false_positive"
         return {"status": status, "dice": 0.0, "hd_mm": None, "asd_mm": None, **result}
@@ -201,11 +205,28 @@ def evaluate_segmentation(
 
 
 def _value(row: dict[str, Any], metric: str) -> float | None:
-    """A row's metric for summaries: distances only where both structures exist (``ok``), so
-    that both-empty cases (distance 0 by definition) do not flatter the mean distance."""
+    """A row's metric for summaries: Dice only where the truth holds the structure, distances only
+    where both structures exist (``ok``), so that empty cases do not flatter the means."""
     if metric in DISTANCE_METRICS and row["status"] != "ok":
         return None
+    if metric == "dice" and row["status"] in ("both_empty", "false_positive"):
+        return None
     return row[metric]
+
+
+def detection_rates(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Detection rate over the cases whose truth holds the structure (prediction overlaps it) and
+    false-positive rate over the cases whose truth does not (anything predicted), with their n."""
+    present = [r for r in rows if r["status"] in ("ok", "missed")]
+    absent = [r for r in rows if r["status"] in ("both_empty", "false_positive")]
+    detected = sum(1 for r in present if r["status"] == "ok" and (r["dice"] or 0) > 0)
+    false_pos = sum(1 for r in absent if r["status"] == "false_positive")
+    return {
+        "cases_with_structure": len(present),
+        "cases_without_structure": len(absent),
+        "detection_rate": detected / len(present) if present else None,
+        "false_positive_rate": false_pos / len(absent) if absent else None,
+    }
 
 
 def summarise(
@@ -222,6 +243,7 @@ def summarise(
                 statuses[row["status"]] = statuses.get(row["status"], 0) + 1
             sets[name][class_name] = {
                 "status_counts": statuses,
+                **detection_rates(selected),
                 **{metric: describe([_value(r, metric) for r in selected]) for metric in METRICS},
             }
     comparisons = []
@@ -345,23 +367,28 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"Distances in mm using each truth file's voxel spacing. {hd_name} and ASD summarise the "
-        "cases where both structures exist (n); Dice counts every case (both empty = 1, one "
-        "empty = 0).",
+        "cases where both structures exist (n); Dice summarises the cases whose truth has the "
+        "structure (n; a missed one counts 0). Detection: share of those cases where the "
+        "prediction overlaps the truth; false-positive rate: share of the cases without the "
+        "structure where something is predicted. Both-empty cases are counted, not scored.",
         "",
-        f"| set | class | Dice mean ± sd | Dice median | {hd_name} mm (n) | ASD mm (n) | "
-        "volume diff ml | both empty | missed | false positive |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| set | class | Dice mean ± sd (n) | Dice median | {hd_name} mm (n) | ASD mm (n) | "
+        "volume diff ml | detection | false-positive rate | both empty | missed | false positive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, classes in summary["sets"].items():
         for class_name, stats in classes.items():
             counts = stats["status_counts"]
             lines.append(
                 f"| {name} | {class_name} | {_fmt(stats['dice']['mean'])} ± "
-                f"{_fmt(stats['dice']['std'])} | {_fmt(stats['dice']['median'])} | "
+                f"{_fmt(stats['dice']['std'])} ({stats['dice']['n']}) | "
+                f"{_fmt(stats['dice']['median'])} | "
                 f"{_fmt(stats['hd_mm']['mean'], 2)} ({stats['hd_mm']['n']}) | "
                 f"{_fmt(stats['asd_mm']['mean'], 2)} ({stats['asd_mm']['n']}) | "
-                f"{_fmt(stats['volume_diff_ml']['mean'], 2)} | {counts.get('both_empty', 0)} | "
-                f"{counts.get('missed', 0)} | {counts.get('false_positive', 0)} |"
+                f"{_fmt(stats['volume_diff_ml']['mean'], 2)} | "
+                f"{_fmt(stats['detection_rate'], 2)} | {_fmt(stats['false_positive_rate'], 2)} | "
+                f"{counts.get('both_empty', 0)} | {counts.get('missed', 0)} | "
+                f"{counts.get('false_positive', 0)} |"
             )
     if summary["comparisons"]:
         confidence = summary["comparisons"][0]["confidence"]

@@ -70,9 +70,10 @@ _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 class DemoPlan:
     """Sizes of the demo's data: phantoms for training and held-out test phantoms."""
 
-    train_cases: int = 16
+    # 8 labeled (3 held out for validation, 5 to train on), 10 unlabeled; 16 test phantoms
+    train_cases: int = 18
     unlabeled_cases: int = 10
-    test_cases: int = 8
+    test_cases: int = 16
     phantom_size: int = 128
     synthetic_volumes: int = 16
 

@@ -1,0 +1,309 @@
+"""Does DeepAtlas gain from unlabeled (and synthetic) scans? The paper's experiment on phantoms.
+
+For each number of labeled training cases (``--labeled``) and each seed (``--seeds``), three arms are
+trained with the same networks, budget of segmentation updates and validation cases:
+
+- ``supervised``: ``train-deepatlas --supervised-only`` on the labeled cases;
+- ``deepatlas``: DeepAtlas with the labeled cases and ``--unlabeled`` real unlabeled phantoms;
+- ``deepatlas+synthetic``: the same plus the volumes in ``--synthetic DIR`` (e.g. what ``sample``
+  wrote); skipped without ``--synthetic``.
+
+Every arm's best checkpoint (mean foreground validation Dice) segments the same ``--test-cases``
+held-out phantoms (a disjoint seed), scored on the preprocessed grid: wall Dice and HD95 (mm),
+tumor Dice over the test cases that have a tumor, tumor detection rate (a tumor case with any
+predicted tumor voxel overlapping the truth) and false-positive rate (a tumor-free case with any
+predicted tumor voxel). Paired differences to ``supervised`` are per test case, averaged over the
+seeds, with a seeded percentile bootstrap over test cases.
+
+Writes ``OUT/gain.json`` (every number), ``OUT/gain.md`` (the table) and the run folders.
+
+The full design (about 90 minutes on 2 CPU cores with the tiny profile)::
+
+    python bench/bench_gain.py --out /tmp/gain --labeled 1 2 4 --seeds 0 1 2 --test-cases 24
+
+A reduced one (what docs/benchmarks.md reports), budget overrides as ``--set key=value``::
+
+    python bench/bench_gain.py --out /tmp/gain --labeled 2 4 --seeds 0 --test-cases 24 \\
+        --set deepatlas.max_steps=400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ARMS = ("supervised", "deepatlas", "deepatlas+synthetic")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--labeled", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--test-cases", type=int, default=24)
+    parser.add_argument("--unlabeled", type=int, default=12)
+    parser.add_argument("--val-cases", type=int, default=3)
+    parser.add_argument("--phantom-size", type=int, default=128)
+    parser.add_argument("--data-seed", type=int, default=2024)
+    parser.add_argument("--synthetic", type=Path, default=None)
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    return parser.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    found = {"deepatlas.val_cases": args.val_cases, "deepatlas.device": "cpu"}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        found[key] = yaml.safe_load(value)
+    return found
+
+
+def make_data(args: argparse.Namespace, config) -> tuple[Path, Path]:
+    """Phantoms (a labeled pool, unlabeled ones, a disjoint test set), preprocessed once."""
+    from bladdergen.config import config_to_yaml
+    from bladdergen.data.phantom import generate_phantoms
+    from bladdergen.data.preprocess_run import preprocess_folder
+
+    pool, test = args.out / "data" / "pool", args.out / "data" / "test"
+    if (pool / "manifest.json").is_file() and (test / "manifest.json").is_file():
+        return pool, test
+    n_labeled = max(args.labeled) + args.val_cases
+    raw = args.out / "data" / "raw"
+    generate_phantoms(
+        raw / "pool",
+        n=n_labeled + args.unlabeled,
+        seed=args.data_seed,
+        size=args.phantom_size,
+        unlabeled=args.unlabeled,
+        overwrite=True,
+    )
+    generate_phantoms(
+        raw / "test",
+        n=args.test_cases,
+        seed=args.data_seed + 10_000,
+        size=args.phantom_size,
+        unlabeled=0,
+        overwrite=True,
+    )
+    text = config_to_yaml(config)
+    preprocess_folder(raw / "pool", pool, config.preprocess, overwrite=True, config_yaml=text)
+    preprocess_folder(raw / "test", test, config.preprocess, overwrite=True, config_yaml=text)
+    return pool, test
+
+
+def subset(pool: Path, out: Path, n_labeled: int, val_cases: int, seed: int) -> Path:
+    """A preprocessed set over ``pool``'s files: ``n_labeled + val_cases`` labeled cases (seeded
+    choice; train-deepatlas holds ``val_cases`` of them out) and every unlabeled case."""
+    manifest = json.loads((pool / "manifest.json").read_text())
+    labeled = [c for c in manifest["cases"] if c.get("label")]
+    pick = np.random.default_rng([seed, n_labeled]).permutation(len(labeled))
+    chosen = {labeled[i]["case_id"] for i in pick[: n_labeled + val_cases]}
+    cases = []
+    for case in manifest["cases"]:
+        entry = {**case, "image": str(pool / case["image"])}
+        if case.get("label") and case["case_id"] in chosen:
+            entry["label"] = str(pool / case["label"])
+        elif case.get("label"):
+            continue  # a labeled case not chosen stays out (not even as unlabeled)
+        else:
+            entry["label"] = None
+        cases.append(entry)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text(json.dumps({**manifest, "cases": cases}, indent=1))
+    if (pool / "config.yaml").is_file():
+        (out / "config.yaml").write_text((pool / "config.yaml").read_text())
+    return out
+
+
+def score_run(run_dir: Path, test: Path) -> list[dict]:
+    """Per test case: wall and tumor scores of the run's best checkpoint (preprocessed grid)."""
+    import torch
+
+    from bladdergen.data.dataset import PreprocessedSet
+    from bladdergen.deepatlas.segment import load_segmentation_model, predict_classes
+    from bladdergen.evaluate.seg import score_structure
+
+    net, _ = load_segmentation_model(run_dir, "cpu")
+    dataset = PreprocessedSet.open(test)
+    rows = []
+    for case in dataset.labeled_cases:
+        image = torch.from_numpy(np.ascontiguousarray(dataset.load_image(case), np.float32))
+        with torch.no_grad():
+            predicted = predict_classes(net, image[None, None]).numpy()
+        truth = dataset.load_label(case)
+        spacing = dataset.spacing(case)
+        wall = score_structure(predicted == 1, truth == 1, spacing)
+        tumor = score_structure(predicted == 2, truth == 2, spacing)
+        rows.append(
+            {
+                "case_id": case.case_id,
+                "wall_dice": wall["dice"],
+                "wall_hd95_mm": wall["hd_mm"],
+                "has_tumor": bool((truth == 2).any()),
+                "tumor_dice": tumor["dice"],
+                "tumor_detected": bool(((predicted == 2) & (truth == 2)).any()),
+                "tumor_predicted": bool((predicted == 2).any()),
+            }
+        )
+    return rows
+
+
+def summarise(results: dict, arms: list[str], labeled: list[int], seeds: list[int], samples: int):
+    """Per labeled count and arm: means over seeds and test cases; paired differences to
+    ``supervised`` with a bootstrap CI over test cases."""
+    from bladdergen.evaluate.stats import bootstrap_mean_ci
+
+    def per_case(n: int, arm: str, key: str, where=None) -> dict[str, float]:
+        values: dict[str, list[float]] = {}
+        for seed in seeds:
+            for row in results.get(f"{n}/{seed}/{arm}", []):
+                if where is not None and not where(row):
+                    continue
+                if row[key] is not None:
+                    values.setdefault(row["case_id"], []).append(float(row[key]))
+        return {case: float(np.mean(v)) for case, v in values.items()}
+
+    table = []
+    for n in labeled:
+        for arm in arms:
+            if not any(f"{n}/{s}/{arm}" in results for s in seeds):
+                continue
+            wall = per_case(n, arm, "wall_dice")
+            hd = per_case(n, arm, "wall_hd95_mm")
+            tumor = per_case(n, arm, "tumor_dice", lambda r: r["has_tumor"])
+            detected = per_case(n, arm, "tumor_detected", lambda r: r["has_tumor"])
+            false_pos = per_case(n, arm, "tumor_predicted", lambda r: not r["has_tumor"])
+            entry = {
+                "labeled": n,
+                "arm": arm,
+                "wall_dice": float(np.mean(list(wall.values()))),
+                "wall_hd95_mm": float(np.mean(list(hd.values()))) if hd else None,
+                "wall_hd95_n": len(hd),
+                "tumor_dice": float(np.mean(list(tumor.values()))) if tumor else None,
+                "tumor_cases": len(tumor),
+                "tumor_detection_rate": float(np.mean(list(detected.values())))
+                if detected
+                else None,
+                "tumor_false_positive_rate": float(np.mean(list(false_pos.values())))
+                if false_pos
+                else None,
+            }
+            if arm != "supervised":
+                for key, mine, ref in (
+                    ("wall_dice", wall, per_case(n, "supervised", "wall_dice")),
+                    ("wall_hd95_mm", hd, per_case(n, "supervised", "wall_hd95_mm")),
+                    (
+                        "tumor_dice",
+                        tumor,
+                        per_case(n, "supervised", "tumor_dice", lambda r: r["has_tumor"]),
+                    ),
+                ):
+                    shared = sorted(set(mine) & set(ref))
+                    diff = np.array([mine[c] - ref[c] for c in shared])
+                    if diff.size:
+                        low, high = bootstrap_mean_ci(diff, samples, 0.95, seed=0)
+                        entry[f"{key}_diff"] = [float(diff.mean()), low, high, int(diff.size)]
+            table.append(entry)
+    return table
+
+
+def _fmt(value, digits=3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _diff(entry: dict, key: str, digits=3) -> str:
+    if key not in entry:
+        return "–"
+    mean, low, high, _ = entry[key]
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def render(table: list[dict], args: argparse.Namespace, seconds: float) -> str:
+    lines = [
+        "| labeled | arm | wall Dice | Δ wall Dice [95% CI] | wall HD95 mm (n) | Δ HD95 mm | "
+        "tumor Dice (tumor cases) | Δ tumor Dice | detection | false positive |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in table:
+        lines.append(
+            f"| {e['labeled']} | {e['arm']} | {_fmt(e['wall_dice'])} | {_diff(e, 'wall_dice_diff')} "
+            f"| {_fmt(e['wall_hd95_mm'], 1)} ({e['wall_hd95_n']}) | "
+            f"{_diff(e, 'wall_hd95_mm_diff', 1)} | {_fmt(e['tumor_dice'])} ({e['tumor_cases']}) | "
+            f"{_diff(e, 'tumor_dice_diff')} | {_fmt(e['tumor_detection_rate'], 2)} | "
+            f"{_fmt(e['tumor_false_positive_rate'], 2)} |"
+        )
+    lines += [
+        "",
+        f"Seeds {args.seeds}, {args.test_cases} test phantoms, {args.unlabeled} unlabeled, "
+        f"{args.val_cases} validation cases, overrides {args.set or 'none'}; "
+        f"{seconds / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from bladdergen.config import load_config
+    from bladdergen.deepatlas.train import train_deepatlas
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "gain.json"
+    results = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
+    arms = [a for a in args.arms if a != "deepatlas+synthetic" or args.synthetic is not None]
+    base = load_config(args.profile, overrides=overrides(args))
+    pool, test = make_data(args, base)
+    for seed in args.seeds:
+        for n in args.labeled:
+            data = subset(pool, args.out / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
+            config = load_config(args.profile, overrides={**overrides(args), "seed": seed})
+            for arm in arms:
+                key = f"{n}/{seed}/{arm}"
+                if key in results:
+                    continue
+                run_dir = args.out / "runs" / f"n{n}_s{seed}_{arm}"
+                t0 = time.perf_counter()
+                summary = train_deepatlas(
+                    config.deepatlas,
+                    data,
+                    run_dir,
+                    seed=seed,
+                    synthetic_dir=args.synthetic if arm == "deepatlas+synthetic" else None,
+                    supervised_only=arm == "supervised",
+                )
+                results[key] = score_run(run_dir, test)
+                print(
+                    json.dumps(
+                        {
+                            "run": key,
+                            "train_seconds": round(time.perf_counter() - t0, 1),
+                            "best_step": summary["best_step"],
+                            "gate": summary.get("anatomy_gate_open"),
+                            "wall_dice": round(np.mean([r["wall_dice"] for r in results[key]]), 4),
+                        }
+                    ),
+                    flush=True,
+                )
+                results_path.write_text(json.dumps({"runs": results}, indent=1))
+    table = summarise(results, arms, args.labeled, args.seeds, args.bootstrap)
+    seconds = time.perf_counter() - started
+    results_path.write_text(json.dumps({"runs": results, "table": table}, indent=1))
+    (args.out / "gain.md").write_text(render(table, args, seconds))
+    print(render(table, args, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
