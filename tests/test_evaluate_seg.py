@@ -200,8 +200,8 @@ def test_a_paired_difference_over_one_case_has_no_confidence_interval():
     from bladdergen.evaluate.seg import paired_difference
 
     rows = [
-        {"set": "a", "case_id": "c1", "class": "wall", "dice": 0.5},
-        {"set": "b", "case_id": "c1", "class": "wall", "dice": 0.75},
+        {"set": "a", "case_id": "c1", "class": "wall", "dice": 0.5, "status": "ok"},
+        {"set": "b", "case_id": "c1", "class": "wall", "dice": 0.75, "status": "ok"},
     ]
     result = paired_difference(rows, "a", "b", "wall", "dice", EvaluateConfig(), seed=0)
     assert (result["n"], result["mean_difference"]) == (1, 0.25)
