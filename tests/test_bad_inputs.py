@@ -348,3 +348,15 @@ def test_the_voxel_limit_also_guards_mha_files_before_reading_them(tmp_path, mon
     monkeypatch.setenv("BLADDERGEN_MAX_VOXELS", "47")
     with pytest.raises(InputError, match=r"scan\.mha: header claims shape 4x4x3 = 48 voxels"):
         read_volume(path)
+
+
+def test_reader_study_export_into_a_folder_of_unrelated_files_exits_2(tmp_path, scan):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["evaluate", "reader-study", "export", "--synthetic", scan.parent, "--real"]
+    args += [scan.parent, "--out", out, "--key", tmp_path / "key.csv"]
+    result, output = _invoke(args)
+    _assert_refused(result, output, "notes.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "key.csv").exists()

@@ -221,3 +221,17 @@ def test_preprocess_config_of_a_set_without_settings_is_an_input_error(tmp_path)
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=r"manifest\.json: settings: is missing"):
         PreprocessedSet.open(data).preprocess_config()
+
+
+def test_preprocess_takes_a_bare_dicom_series_folder(real_data, tmp_path):
+    """The real DICOM series (TotalSegmentator test files) as IN_DIR: one case, its slices read."""
+    series = real_data / "ct_upper_abdomen_dicom"
+    before = sorted(p.name for p in series.iterdir())
+    result = CliRunner().invoke(
+        app, ["preprocess", str(series), str(tmp_path / "out"), "--profile", "tiny", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["cases"]) == 1
+    assert manifest["cases"][0]["steps"]["output"]["shape"][2] == 24  # tiny depth policy
+    assert sorted(p.name for p in series.iterdir()) == before  # the input is untouched
