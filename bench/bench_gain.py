@@ -6,7 +6,10 @@ trained with the same networks, budget of segmentation updates and validation ca
 - ``supervised``: ``train-deepatlas --supervised-only`` on the labeled cases;
 - ``deepatlas``: DeepAtlas with the labeled cases and ``--unlabeled`` real unlabeled phantoms;
 - ``deepatlas+synthetic``: the same plus the volumes in ``--synthetic DIR`` (e.g. what ``sample``
-  wrote); skipped without ``--synthetic``.
+  wrote; its plausible CT + label pairs as labeled cases, the rest as unlabeled images);
+- ``supervised+pairs``: ``--supervised-only`` with the labeled cases and the synthetic CT + label
+  pairs of ``--synthetic DIR`` (no registration, no unlabeled images); the synthetic arms are
+  skipped without ``--synthetic``.
 
 Every arm's best checkpoint (mean foreground validation Dice) segments the same ``--test-cases``
 held-out phantoms (a disjoint seed), scored on the preprocessed grid: wall Dice and HD95 (mm),
@@ -38,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ARMS = ("supervised", "deepatlas", "deepatlas+synthetic")
+ARMS = ("supervised", "supervised+pairs", "deepatlas", "deepatlas+synthetic")
+SYNTHETIC_ARMS = ("supervised+pairs", "deepatlas+synthetic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "gain.json"
     results = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
-    arms = [a for a in args.arms if a != "deepatlas+synthetic" or args.synthetic is not None]
+    arms = [a for a in args.arms if a not in SYNTHETIC_ARMS or args.synthetic is not None]
     base = load_config(args.profile, overrides=overrides(args))
     pool, test = make_data(args, base)
     for seed in args.seeds:
@@ -280,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     data,
                     run_dir,
                     seed=seed,
-                    synthetic_dir=args.synthetic if arm == "deepatlas+synthetic" else None,
-                    supervised_only=arm == "supervised",
+                    synthetic_dir=args.synthetic if arm in SYNTHETIC_ARMS else None,
+                    supervised_only=arm.startswith("supervised"),
                 )
                 results[key] = score_run(run_dir, test)
                 print(

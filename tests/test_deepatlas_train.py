@@ -216,3 +216,58 @@ def test_anatomy_gate_opens_only_when_registration_beats_the_identity_by_the_mar
     assert not registration_beats_identity({"registration_dice": 0.14, "identity_dice": 0.1}, cfg)
     assert registration_beats_identity({"registration_dice": 0.16, "identity_dice": 0.1}, cfg)
     assert not registration_beats_identity({"registration_dice": None, "identity_dice": 0.1}, cfg)
+
+
+def _sample_folder(root, plausible):
+    """A `sample`-style folder: images/, labels/ (0/255/128) and checks/ per sample."""
+    rng = np.random.default_rng(1)
+    for sub in ("images", "labels", "checks"):
+        (root / sub).mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({"format": "bladdergen-samples"}))
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    for index, ok in enumerate(plausible):
+        name = f"sample_{index:05d}"
+        hu = rng.uniform(-200, 300, (40, 36, 11)).astype(np.float32)
+        label = np.zeros(hu.shape, np.uint8)
+        label[10:30, 10:26, 2:9] = 255
+        label[14:26, 14:22, 2:9] = 0
+        nib.save(nib.Nifti1Image(hu, affine), root / "images" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"{name}.nii.gz")
+        (root / "checks" / f"{name}.json").write_text(json.dumps({"checks": {"plausible": ok}}))
+
+
+def test_plausible_synthetic_pairs_are_labeled_data_and_the_rest_unlabeled(tiny_dataset, tmp_path):
+    _sample_folder(tmp_path / "samples", plausible=[True, False, True])
+    config = tiny_config(**{"deepatlas.max_steps": 4})
+    result = train_deepatlas(
+        config.deepatlas, tiny_dataset, tmp_path / "run", synthetic_dir=tmp_path / "samples"
+    )
+    assert (result["synthetic_pairs"], result["synthetic_images"]) == (2, 1)
+    assert result["labeled_training_cases"] == 3 + 2  # the real training split + the pairs
+    label = tmp_path / "run/prepared/synthetic/labels/sample_00000.nii.gz"
+    classes = np.asanyarray(nib.load(label).dataobj)
+    assert classes.shape == (32, 32, 8) and set(np.unique(classes)) <= {0, 1}  # wall as class 1
+    assert not (tmp_path / "run/prepared/synthetic/labels/sample_00001.nii.gz").exists()
+
+
+def test_the_supervised_baseline_uses_synthetic_pairs_only_when_given(tiny_dataset, tmp_path):
+    _sample_folder(tmp_path / "samples", plausible=[True, True])
+    config = tiny_config(**{"deepatlas.max_steps": 6})
+    plus = train_deepatlas(
+        config.deepatlas,
+        tiny_dataset,
+        tmp_path / "plus",
+        synthetic_dir=tmp_path / "samples",
+        supervised_only=True,
+    )
+    assert (plus["synthetic_pairs"], plus["synthetic_images"]) == (2, 0)
+    assert plus["labeled_training_cases"] == 3 + 2
+    off = tiny_config(**{"deepatlas.max_steps": 6, "deepatlas.synthetic_pairs": False})
+    alone = train_deepatlas(
+        off.deepatlas,
+        tiny_dataset,
+        tmp_path / "alone",
+        synthetic_dir=tmp_path / "samples",
+        supervised_only=True,
+    )
+    assert (alone["synthetic_pairs"], alone["labeled_training_cases"]) == (0, 3)

@@ -49,7 +49,7 @@ def test_demo_runs_every_stage_and_writes_the_report(finished_demo):
     assert summary["skipped_stages"] == []
     report = (run_dir / "report.md").read_text()
     assert "| baseline | wall |" in report and "| deepatlas | wall |" in report
-    assert len(list((run_dir / "synthetic").glob("*.nii.gz"))) == 2
+    assert len(list((run_dir / "synthetic" / "images").glob("*.nii.gz"))) == 2
     assert len(list((run_dir / "predictions" / "deepatlas").glob("*.nii.gz"))) == 2
     assert (run_dir / "evaluation" / "gen" / "montage.png").is_file()
 

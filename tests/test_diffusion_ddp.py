@@ -51,5 +51,5 @@ def test_two_process_training_and_sampling_match_single_process_files(tiny_datas
     single = tmp_path / "single"
     sample_volumes(micro_config(), tmp_path / "ldm", single, 3)
     for i in range(3):
-        name = f"sample_{i:05d}.nii.gz"
+        name = f"images/sample_{i:05d}.nii.gz"
         assert (tmp_path / "samples" / name).read_bytes() == (single / name).read_bytes()

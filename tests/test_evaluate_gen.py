@@ -221,6 +221,39 @@ def test_preprocessed_real_set_is_mapped_back_to_hu_with_its_window(tmp_path):
     assert volumes[0].hu.max() <= WINDOW[1]
 
 
+def test_generated_label_maps_are_scored_against_the_segmentation_of_their_images(tmp_path):
+    folder = write_hu_folder(tmp_path / "synth", seed=0)
+    segmenter = StandInSegmenter()
+    (folder / "labels").mkdir()
+    (folder / "checks").mkdir()
+    dataset_values = np.array([0, 255, 128], np.uint8)  # classes 0/1/2 -> 0/255/128
+    for index, plausible in ((0, True), (1, False), (2, False)):
+        hu = np.asarray(nib.load(folder / f"s{index}.nii.gz").dataobj).astype(np.float32)
+        image = (hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]) * 2 - 1
+        classes = segmenter.classes(image)
+        if index == 2:
+            classes = np.zeros_like(classes)  # a label map that misses its image's wall
+        label = nib.Nifti1Image(dataset_values[classes], np.diag([*SPACING, 1.0]))
+        nib.save(label, folder / "labels" / f"s{index}.nii.gz")
+        (folder / "checks" / f"s{index}.json").write_text(
+            json.dumps({"checks": {"plausible": plausible}})
+        )
+    # s3 has no label map: it is not a pair
+    result = evaluate_generation(folder, folder, tmp_path / "out", CONFIG, segmenter=segmenter)
+    paired = result["paired_labels"]
+    assert paired["pairs"] == 3
+    assert paired["plausible_fraction"] == pytest.approx(1 / 3)
+    assert paired["segmenter_dice_wall"] == pytest.approx(2 / 3)  # Dice 1, 1 and 0
+    assert "Generated label maps (3 samples)" in (tmp_path / "out/gen_report.md").read_text()
+
+
+def test_anatomy_measures_are_the_same_on_a_volume_padded_with_background():
+    classes = ring_classes()
+    classes[11:13, 3:5, 1:3] = 2  # a tumor on the inner wall
+    padded = np.pad(classes, ((40, 25), (3, 60), (0, 0)))
+    assert measure_anatomy(padded, SPACING) == measure_anatomy(classes, SPACING)
+
+
 def test_tumor_checks_are_not_applicable_when_no_tumor_is_predicted():
     m = measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))
     checks = plausibility(m, real_ranges([m], 0.2))

@@ -174,7 +174,7 @@ def test_missing_prediction_case_is_an_input_error_naming_it(tmp_path):
 def test_prediction_on_another_grid_is_an_input_error(tmp_path):
     truth = write_labels(tmp_path / "truth", make_cases("classes"))
     pred = write_labels(tmp_path / "pred", make_cases("classes"), spacing=(1.0, 1.0, 2.5))
-    with pytest.raises(InputError, match="affine"):
+    with pytest.raises(InputError, match=r"spacing \(1, 1, 2\.5\) mm, expected \("):
         evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
 
 
@@ -194,3 +194,33 @@ def test_predictions_without_a_truth_case_are_ignored(tmp_path):
     pred = write_labels(tmp_path / "pred", cases)
     result = evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())
     assert result["cases"] == 3
+
+
+def test_a_paired_difference_over_one_case_has_no_confidence_interval():
+    from bladdergen.evaluate.seg import paired_difference
+
+    rows = [
+        {"set": "a", "case_id": "c1", "class": "wall", "dice": 0.5, "status": "ok"},
+        {"set": "b", "case_id": "c1", "class": "wall", "dice": 0.75, "status": "ok"},
+    ]
+    result = paired_difference(rows, "a", "b", "wall", "dice", EvaluateConfig(), seed=0)
+    assert (result["n"], result["mean_difference"]) == (1, 0.25)
+    assert result["ci_low"] is None and result["ci_high"] is None
+
+
+def test_the_report_prints_n_a_for_a_missing_interval():
+    from bladdergen.evaluate.seg import _ci_text
+
+    assert _ci_text({"ci_low": None, "ci_high": None}) == "n/a (n < 2)"
+
+
+def test_prediction_with_another_origin_is_refused_naming_the_origin(tmp_path):
+    truth = write_labels(tmp_path / "truth", make_cases("classes"))
+    pred = write_labels(tmp_path / "pred", make_cases("classes"))
+    for path in pred.iterdir():
+        image = nib.load(path)
+        affine = image.affine.copy()
+        affine[0, 3] += 4.0
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), path)
+    with pytest.raises(InputError, match=r"origin \(4, 0, 0\) mm, expected \(0, 0, 0\) mm"):
+        evaluate_segmentation([pred], truth, tmp_path / "out", EvaluateConfig())

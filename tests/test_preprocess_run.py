@@ -229,7 +229,10 @@ BAD_INPUTS = {
     "4d": (_corrupt_4d, r"b\.nii\.gz: .*\(4D\), expected a 3D volume"),
     "nan": (_corrupt_nan, r"b\.nii\.gz: 1 voxels are NaN or infinite"),
     "shape": (_corrupt_shape, r"b\.nii\.gz: label shape \(16, 16, 4\) differs from image"),
-    "geometry": (_corrupt_geometry, r"b\.nii\.gz: label geometry differs from image .* 5 mm"),
+    "geometry": (
+        _corrupt_geometry,
+        r"b\.nii\.gz: label origin \(35, 30, -50\) mm, expected \(30, 30, -50\) mm",
+    ),
     "values": (_corrupt_values, r"b\.nii\.gz: found label values \{0, 1, 2\}, expected a subset"),
     "duplicate": (_corrupt_duplicate, r"duplicate case id 'b'"),
     "orphan label": (_corrupt_orphan_label, r"z\.nii\.gz: label has no matching image"),
@@ -275,7 +278,7 @@ def test_empty_input_folder_is_refused(tmp_path):
 
 def test_folder_without_images_is_refused(tmp_path):
     (tmp_path / "in").mkdir()
-    with pytest.raises(InputError, match=r"no images/ folder, expected images/"):
+    with pytest.raises(InputError, match=r"no images/ folder and no volumes, expected images/"):
         preprocess_folder(tmp_path / "in", tmp_path / "out", CONFIG)
 
 

@@ -160,12 +160,11 @@ def test_kill_9_between_checkpoints_then_resume_gives_bit_identical_weights(
     kind, inputs, uninterrupted, tmp_path
 ):
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        _command(kind, inputs, run_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            _command(kind, inputs, run_dir), stdout=subprocess.DEVNULL, stderr=stderr, env=_env()
+        )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
@@ -175,7 +174,7 @@ def test_kill_9_between_checkpoints_then_resume_gives_bit_identical_weights(
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {log.read_text()[-2000:]}"
     assert load_training_state(run_dir / "training_state.pt")["step"] < 24
 
     assert _run(kind, inputs, run_dir, "--resume").returncode == 0
@@ -209,3 +208,39 @@ def test_every_run_folder_gets_a_training_curve_picture(kind, uninterrupted):
     run_dir, _ = uninterrupted[kind]
     picture = run_dir / "curves.png"
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_a_run_folder_that_is_a_file_or_holds_unrelated_files_exits_2_untouched(
+    kind, inputs, tmp_path
+):
+    as_file = tmp_path / "run.txt"
+    as_file.write_text("notes")
+    code, stderr = _fail(kind, inputs, as_file)
+    assert code == 2 and str(as_file) in stderr and "is a file" in stderr
+    assert "Traceback" not in stderr and as_file.read_text() == "notes"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.docx").write_text("draft")
+    code, stderr = _fail(kind, inputs, busy)
+    assert code == 2 and "thesis.docx" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in busy.iterdir()) == ["thesis.docx"]
+
+
+def test_a_loss_that_becomes_non_finite_exits_2_and_keeps_the_last_good_checkpoint(
+    inputs, tmp_path
+):
+    diverging = inputs["configs"]["ldm"].parent / "ldm_diverging.yaml"
+    mapping = yaml.safe_load(inputs["configs"]["ldm"].read_text())
+    mapping["ldm"] |= {"learning_rate": 1e30, "checkpoint_every": 1, "max_steps": 24}
+    diverging.write_text(yaml.safe_dump(mapping))
+    args = _command("ldm", inputs, tmp_path / "run")
+    args[args.index(str(inputs["configs"]["ldm"]))] = str(diverging)
+    completed = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "training became non-finite at step" in completed.stderr
+    failed_at = int(completed.stderr.split("non-finite at step ")[1].split(" ")[0])
+    state = load_training_state(tmp_path / "run" / "training_state.pt")
+    assert state["step"] == failed_at - 1  # the checkpoint before the bad step stays
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())

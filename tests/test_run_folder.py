@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from bladdergen.checkpoint import load_training_state
-from bladdergen.engine.run import RunFolder, TrainingDiverged
+from bladdergen.engine.run import RunFolder, RunKind, TrainingDiverged
 from bladdergen.errors import CheckpointError, InputError
 from bladdergen.runtime import Runtime
 
@@ -23,16 +23,9 @@ class ToySettings:
 
 
 def _open(path, resume=False, kind="toy", **settings):
-    return RunFolder.open(
-        path,
-        kind=kind,
-        settings=ToySettings(**settings),
-        seed=3,
-        resume=resume,
-        resumable={"max_steps"},
-        runtime=Runtime(device=torch.device("cpu")),
-        stage_entries={"previews"},
-    )
+    stage = RunKind(kind, resumable={"max_steps"}, entries={"previews"})
+    runtime = Runtime(device=torch.device("cpu"))
+    return RunFolder.open(path, stage, ToySettings(**settings), runtime, seed=3, resume=resume)
 
 
 def _train(run, total=4, every=2, diverge_at=None, killed_after=None):

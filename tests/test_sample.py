@@ -47,13 +47,13 @@ def test_sample_files_do_not_depend_on_batch_size_or_interruption(runs, three_sa
     second = sample_volumes(micro_config(**{"sample.batch_size": 2}), runs[1], out, 3)
     assert (first["generated"], second["generated"], second["skipped"]) == (2, 1, 2)
     for i in range(3):
-        name = f"sample_{i:05d}.nii.gz"
+        name = f"images/sample_{i:05d}.nii.gz"
         assert _bytes(out / name) == _bytes(three_samples / name)
-    assert _bytes(out / "sample_00000.nii.gz") != _bytes(out / "sample_00001.nii.gz")
+    assert _bytes(out / "images/sample_00000.nii.gz") != _bytes(out / "images/sample_00001.nii.gz")
 
 
 def test_sample_volumes_are_int16_hu_with_the_training_geometry(three_samples):
-    image = nib.load(str(three_samples / "sample_00000.nii.gz"))
+    image = nib.load(str(three_samples / "images/sample_00000.nii.gz"))
     data = np.asanyarray(image.dataobj)
     assert data.dtype == np.int16 and data.shape == (32, 32, 8)
     assert np.allclose(image.affine, np.diag([3.0, 3.0, 4.0, 1.0]))  # the test set's spacing
@@ -106,7 +106,7 @@ def test_ddpm_sampler_runs_through_the_pipeline(runs, tmp_path):
         **{"sample.sampler": "ddpm", "sample.steps": 20, "sample.previews": False}
     )
     result = sample_volumes(config, runs[1], tmp_path / "out", 1)
-    assert result["steps"] == 20 and (tmp_path / "out" / "sample_00000.nii.gz").is_file()
+    assert result["steps"] == 20 and (tmp_path / "out" / "images/sample_00000.nii.gz").is_file()
 
 
 def test_bad_sample_requests_are_refused_with_clear_errors(runs, tiny_dataset, tmp_path):

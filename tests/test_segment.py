@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -104,3 +105,82 @@ def test_segment_cli_writes_class_indices_when_asked(model_run, tmp_path):
     result = CliRunner().invoke(app, [*args, "-q", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert set(np.unique(np.asanyarray(nib.load(out_dir / "ct.nii.gz").dataobj))) <= {0, 1, 2}
+
+
+def test_a_second_segment_into_the_folder_keeps_the_first_entries(model_run, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    _scan(first / "ct_a.nii.gz")
+    _scan(second / "ct_b.nii.gz", seed=1)
+    segment_paths(model_run, first, tmp_path / "out", device="cpu")
+    segment_paths(model_run, second, tmp_path / "out", device="cpu")
+    summary = json.loads((tmp_path / "out" / "segment.json").read_text())
+    names = [Path(c["output"]).name for c in summary["cases"]]
+    assert names == ["ct_a.nii.gz", "ct_b.nii.gz"]
+
+
+def test_nnunet_channel_suffixes_are_dropped_from_output_names(model_run, tmp_path):
+    images = tmp_path / "imagesTs"
+    images.mkdir()
+    _scan(images / "case_3_0000.nii.gz")
+    segment_paths(model_run, images, tmp_path / "out", device="cpu")
+    assert (tmp_path / "out" / "case_3.nii.gz").is_file()
+
+
+def test_a_bad_input_in_the_middle_of_a_folder_leaves_the_output_folder_empty(model_run, tmp_path):
+    from bladdergen.errors import InputError
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans / "a.nii.gz")
+    (scans / "b.nii.gz").write_bytes(b"not a nifti")
+    _scan(scans / "c.nii.gz", seed=2)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match=r"b\.nii\.gz"):
+        segment_paths(model_run, scans, tmp_path / "out", device="cpu")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_segment_into_the_input_folder_never_replaces_an_input(model_run, tmp_path):
+    from bladdergen.errors import InputError
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans / "a.nii.gz")
+    before = (scans / "a.nii.gz").read_bytes()
+    with pytest.raises(InputError, match="would replace its input"):
+        segment_paths(model_run, scans, scans, device="cpu", overwrite=True)
+    assert (scans / "a.nii.gz").read_bytes() == before
+
+
+def test_segment_with_a_z_range_writes_background_outside_the_slab(model_run, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans / "long.nii.gz", shape=(40, 36, 30))
+    segment_paths(
+        model_run,
+        scans,
+        tmp_path / "out",
+        device="cpu",
+        label_values=False,
+        z_range=(10, 17),
+        z_range_unit="slices",
+    )
+    classes = np.asarray(nib.load(tmp_path / "out" / "long.nii.gz").dataobj)
+    segment_paths(model_run, scans, tmp_path / "whole", device="cpu", label_values=False)
+    whole = np.asarray(nib.load(tmp_path / "whole" / "long.nii.gz").dataobj)
+    assert classes.shape == whole.shape == (40, 36, 30)
+    assert whole[:, :, :10].any()  # without the range the net does paint outside the slab
+    # the scan's z axis already points superior (RAS), so slice indices are the file's own
+    assert not classes[:, :, :10].any() and not classes[:, :, 18:].any()
+
+
+def test_segment_cli_refuses_a_bad_z_unit_in_one_line(model_run, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans / "a.nii.gz")
+    args = [str(model_run), str(scans), str(tmp_path / "out"), "--z-range=1:3", "--z-unit", "cm"]
+    result = CliRunner().invoke(app, ["segment", *args])
+    assert result.exit_code == 2
+    assert "preprocess.z_range_unit: got 'cm'" in result.output
+    assert not (tmp_path / "out").exists()

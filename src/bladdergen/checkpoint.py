@@ -59,7 +59,44 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from None
     if METADATA_KEY not in header:
         raise CheckpointError(f"{path}: safetensors file has no bladdergen metadata")
-    return json.loads(header[METADATA_KEY])
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path}: bladdergen metadata is not valid JSON ({error.msg} at character "
+            f"{error.pos}), expected the JSON object written by training"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(
+            f"{path}: bladdergen metadata is a JSON {type(metadata).__name__}, expected an object"
+        )
+    return metadata
+
+
+def require_metadata(
+    metadata: dict[str, Any], path: Path, fields: dict[str, type | tuple[type, ...]]
+) -> None:
+    """Refuse checkpoint ``metadata`` that lacks one of ``fields`` or holds it with another type.
+
+    ``fields``: dotted key (``"config.deepatlas"``) -> expected type(s). Raises CheckpointError
+    naming the file, the key, what was found and what was expected.
+    """
+    names = {dict: "object", list: "list", str: "string", int: "integer", float: "number"}
+    for dotted, expected in fields.items():
+        value: Any = metadata
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise CheckpointError(
+                    f"{path}: checkpoint metadata has no {dotted!r}, expected it to be written "
+                    "by training (a damaged or foreign checkpoint?)"
+                )
+            value = value[part]
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            wanted = " or ".join(names.get(k, k.__name__) for k in kinds)
+            raise CheckpointError(
+                f"{path}: checkpoint metadata {dotted!r} is {value!r:.60}, expected a {wanted}"
+            )
 
 
 def load_weights(

@@ -6,13 +6,17 @@ A kill at any moment leaves either the old file or the new one, never half of on
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from bladdergen.errors import InputError
 
 
 @contextlib.contextmanager
@@ -44,6 +48,19 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(value.item())
+    return value
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -103,3 +120,41 @@ def truncate_jsonl_after_step(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def check_output_folder(folder: Path, owned: Iterable[str], what: str) -> None:
+    """Refuse an output folder that is a file, or holds files this command does not write.
+
+    ``owned``: glob patterns of the top-level names the command writes (``"*.nii.gz"``,
+    ``"images"``); hidden names (temporary files of a killed run) are always allowed. A missing
+    or empty folder passes. ``what`` names the command in the message. Raises InputError naming
+    the folder and the first unrelated entry.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise InputError(
+            f"{folder}: exists and is a file, expected a folder for the {what} outputs"
+        )
+    patterns = list(owned)
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns):
+            raise InputError(
+                f"{folder}: output folder holds {entry.name!r}, which {what} does not write; "
+                "expected an empty folder or one of its own outputs"
+            )
+
+
+def check_inside(folder: Path, path: Path) -> Path:
+    """``path`` if it lies inside ``folder`` (after resolving ``..`` and links), else InputError.
+
+    The last guard before writing a file whose name came from data (a case id).
+    """
+    root = Path(folder).resolve()
+    target = Path(path).resolve()
+    if target != root and root not in target.parents:
+        raise InputError(f"{path}: lies outside the output folder {folder}, expected a file in it")
+    return Path(path)

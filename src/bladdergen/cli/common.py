@@ -6,6 +6,7 @@ reporter, and renders the result. Errors from bad input become one line on stder
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -13,12 +14,13 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,10 +31,14 @@ from rich.progress import (
 )
 
 from bladdergen.errors import InputError
+from bladdergen.fileio import json_safe
 from bladdergen.progress import Reporter, Task
 
 stderr_console = Console(stderr=True)
 stdout_console = Console()
+# The stream results go to: the real stdout while a command body runs with stdout sent to stderr
+# (third-party code that prints, e.g. MONAI's FID, must not break a `--json` document).
+_result_streams: list[Any] = []
 
 ConfigOption = Annotated[
     Path | None,
@@ -176,9 +182,9 @@ class RichReporter(Reporter):
         if self.quiet:
             return
         if self._progress is not None:
-            self._progress.console.print(f"[yellow]note:[/] {text}")
+            self._progress.console.print(f"[yellow]note:[/] {escape(text)}", highlight=False)
         else:
-            stderr_console.print(f"[yellow]note:[/] {text}")
+            stderr_console.print(f"[yellow]note:[/] {escape(text)}", highlight=False)
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -189,15 +195,20 @@ class RichReporter(Reporter):
 def handle_errors(command: F) -> F:
     """Run a command body: InputError -> one line + exit 2; other failures -> exit 1.
 
-    Set ``BLADDERGEN_DEBUG=1`` to see the traceback of an internal failure.
+    Messages are printed as given (paths like ``a[/]b`` are not Rich markup). While the body runs,
+    anything printed to ``sys.stdout`` goes to stderr, so stdout holds only the result
+    (:func:`emit_result`). Set ``BLADDERGEN_DEBUG=1`` to see the traceback of an internal failure.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with _stdout_to_stderr():
+                return command(*args, **kwargs)
         except InputError as error:
-            stderr_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            stderr_console.print(
+                f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             stderr_console.print("[bold red]interrupted[/]")
@@ -206,7 +217,7 @@ def handle_errors(command: F) -> F:
             raise
         except Exception as error:  # an internal failure, not the user's fault
             stderr_console.print(
-                f"[bold red]internal error:[/] {type(error).__name__}: {error}",
+                f"[bold red]internal error:[/] {type(error).__name__}: {escape(str(error))}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -219,23 +230,55 @@ def handle_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send ``sys.stdout`` writes to stderr; :func:`emit_result` still writes to the real one."""
+    _result_streams.append(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _result_streams.pop()
+
+
+def result_stream() -> Any:
+    """The stream a command's result goes to (the real stdout, even while it is redirected)."""
+    return _result_streams[-1] if _result_streams else sys.stdout
+
+
 def emit_result(result: dict[str, Any], as_json: bool, quiet: bool, title: str) -> None:
     """Print a command's result: JSON on stdout for pipelines, else a short human summary.
 
-    Under torchrun only rank 0 prints, so a script still reads exactly one JSON line.
+    The JSON document is strict (NaN and infinities become null). Under torchrun only rank 0
+    prints, so a script still reads exactly one JSON line.
     """
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    stream = result_stream()
     if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
-        sys.stdout.flush()
+        stream.write(json.dumps(json_safe(result), default=str, allow_nan=False) + "\n")
+        stream.flush()
         return
     if quiet:
         return
-    stdout_console.print(f"[bold green]{title}[/]")
+    console = Console(file=stream) if stream is not sys.stdout else stdout_console
+    console.print(f"[bold green]{escape(title)}[/]")
     for key, value in result.items():
         if isinstance(value, (dict, list)):
-            value = json.dumps(value, default=str)
+            value = json.dumps(json_safe(value), default=str)
             if len(value) > 200:
                 value = value[:197] + "..."
-        stdout_console.print(f"  {key}: {value}", highlight=False, soft_wrap=True)
+        console.print(f"  {key}: {escape(str(value))}", highlight=False, soft_wrap=True)
+
+
+def parse_range(option: str, text: str | None) -> list[float] | None:
+    """``"LOW:HIGH"`` -> [LOW, HIGH] (None stays None); InputError naming ``option`` otherwise."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return [float(parts[0]), float(parts[1])]
+    except ValueError:
+        raise InputError(f"{option}: got {text!r}, expected LOW:HIGH, e.g. -120:-20") from None

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from bladdergen.cli.app import app
-from bladdergen.cli.common import ConfigOption, handle_errors
+from bladdergen.cli.common import ConfigOption, handle_errors, result_stream
 
 config_app = typer.Typer(help="Show configuration profiles as YAML.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -29,7 +29,7 @@ def show(
 
     text = config_to_yaml(load_config(profile, config))
     if out is None:
-        typer.echo(text, nl=False)
+        typer.echo(text, nl=False, file=result_stream())
     else:
         atomic_write_text(out, text)
 
@@ -47,6 +47,6 @@ def reference(
 
     text = config_reference_markdown()
     if out is None:
-        typer.echo(text, nl=False)
+        typer.echo(text, nl=False, file=result_stream())
     else:
         atomic_write_text(out, text)

@@ -16,6 +16,7 @@ from bladdergen.cli.common import (
     RichReporter,
     emit_result,
     handle_errors,
+    parse_range,
 )
 
 
@@ -98,8 +99,9 @@ def preprocess(
     in_dir: Annotated[
         Path,
         typer.Argument(
-            help="Input folder: images/ (+ labels/), or nnU-Net imagesTr/ labelsTr/ imagesTs/. "
-            "Images are NIfTI, MHA/NRRD, or folders holding one DICOM series."
+            help="Input: a folder with images/ (+ labels/) or nnU-Net imagesTr/ labelsTr/ "
+            "imagesTs/ (dataset.json labels honoured); a folder of volumes; one volume file; "
+            "or one DICOM series folder. Images are NIfTI, MHA/NRRD or DICOM series."
         ),
     ],
     out_dir: Annotated[
@@ -120,6 +122,18 @@ def preprocess(
     ] = None,
     target_depth: Annotated[
         int | None, typer.Option("--target-depth", help="Axial slices after the depth policy.")
+    ] = None,
+    z_range: Annotated[
+        str | None,
+        typer.Option(
+            "--z-range",
+            help="Keep only the slab LOW:HIGH before the depth policy (e.g. the bladder of a long "
+            "scan): world z in mm (RAS, inferior to superior), or slice indices with "
+            "--z-unit slices. Write negative values as --z-range=-120:-20.",
+        ),
+    ] = None,
+    z_unit: Annotated[
+        str | None, typer.Option("--z-unit", help="Unit of --z-range: mm (default) or slices.")
     ] = None,
     skip_bad: Annotated[
         bool,
@@ -153,6 +167,8 @@ def preprocess(
             "preprocess.workers": workers,
             "preprocess.depth_policy": depth_policy,
             "preprocess.target_depth": target_depth,
+            "preprocess.z_range": parse_range("--z-range", z_range),
+            "preprocess.z_range_unit": z_unit,
         },
     )
     reporter = RichReporter(quiet)

@@ -19,6 +19,7 @@ from bladdergen.cli.common import (
     RunSeedOption,
     emit_result,
     handle_errors,
+    parse_range,
 )
 
 
@@ -117,6 +118,17 @@ def segment_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing label maps in OUT_DIR.")
     ] = False,
+    z_range: Annotated[
+        str | None,
+        typer.Option(
+            "--z-range",
+            help="Segment only the slab LOW:HIGH of each scan (world z in mm, or slices with "
+            "--z-unit slices); background elsewhere. Write negative values as --z-range=-120:-20.",
+        ),
+    ] = None,
+    z_unit: Annotated[
+        str | None, typer.Option("--z-unit", help="Unit of --z-range: mm (default) or slices.")
+    ] = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
@@ -147,6 +159,8 @@ def segment_command(
             label_values=not classes,
             overwrite=overwrite,
             overlap=overlap,
+            z_range=parse_range("--z-range", z_range),
+            z_range_unit=z_unit,
             reporter=reporter,
         )
     finally:

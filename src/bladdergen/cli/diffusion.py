@@ -124,6 +124,22 @@ def sample_command(
         bool | None,
         typer.Option("--previews/--no-previews", help="Write a PNG slice montage per volume."),
     ] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            "--layout",
+            help="bladdergen (images + labels/) or nnunet (imagesTr/, labelsTr/, dataset.json: "
+            "nnU-Net v2 trains on the synthetic pairs directly).",
+        ),
+    ] = None,
+    keep: Annotated[
+        str | None,
+        typer.Option(
+            "--keep",
+            help="all, or plausible: only samples whose generated label map passes every anatomy "
+            "check; -n then counts kept samples, rejected seeds are listed in the manifest.",
+        ),
+    ] = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     device: DeviceOption = None,
@@ -134,7 +150,8 @@ def sample_command(
 
     Reproducible and resumable: sample i depends only on --seed and i, finished files are skipped,
     and OUT/manifest.json lists every sample with its seed, sampler, steps and checkpoint hash.
-    Works under torchrun (indices split across processes, identical files).
+    With a VQ-GAN whose label decoder was trained, every CT comes with its label map and anatomy
+    checks. Works under torchrun (indices split across processes, identical files).
     """
     from bladdergen.config import load_config
     from bladdergen.diffusion.sample import sample_volumes
@@ -148,6 +165,8 @@ def sample_command(
             "sample.steps": steps,
             "sample.batch_size": batch_size,
             "sample.previews": previews,
+            "sample.layout": layout,
+            "sample.keep": keep,
             "sample.device": device,
             "seed": seed,
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from bladdergen.data.dataset import DATASET_LABEL_MAP
 from bladdergen.errors import ConfigError
 
 
@@ -51,6 +52,11 @@ class PreprocessConfig:
     ``crop_mm``: keep only the central (X, Y) millimetres in-plane before resampling (the bladder
     sits near the middle of a pelvic slice), so a small grid still resolves a 2-5 mm wall; ``None``
     keeps the whole field of view. ``segment`` puts background back outside the crop.
+    ``z_range``: keep only part of a long scan (e.g. the bladder slab of a chest-abdomen-pelvis
+    CT) before the depth policy: ``[low, high]`` in ``z_range_unit`` ``mm`` (world z of the slice
+    centres, RAS: inferior -> superior, inclusive) or ``slices`` (0-based indices of the
+    reoriented stack, inferior first, inclusive); ``None`` keeps every slice. ``segment`` writes
+    background outside the range.
     """
 
     target_size: tuple[int, int] | None = (512, 512)
@@ -60,8 +66,10 @@ class PreprocessConfig:
     depth_policy: Literal["paper", "resample", "crop"] = "paper"
     window: tuple[float, float] = (-200.0, 300.0)
     orientation: Literal["RAS", "LPS"] = "RAS"
-    label_map: dict[int, int] = dataclasses.field(default_factory=lambda: {0: 0, 255: 1, 128: 2})
+    label_map: dict[int, int] = dataclasses.field(default_factory=lambda: dict(DATASET_LABEL_MAP))
     image_dtype: Literal["float32", "float16"] = "float32"
+    z_range: tuple[float, float] | None = None
+    z_range_unit: Literal["mm", "slices"] = "mm"
     workers: int = 1
 
     def validate(self) -> None:
@@ -75,6 +83,22 @@ class PreprocessConfig:
             raise ConfigError("preprocess: set target_size or target_spacing, not both")
         if self.crop_mm is not None and min(self.crop_mm) <= 0:
             raise ConfigError(f"preprocess.crop_mm: got {list(self.crop_mm)}, expected > 0 mm")
+        if self.z_range_unit not in ("mm", "slices"):
+            raise ConfigError(
+                f"preprocess.z_range_unit: got {self.z_range_unit!r}, expected 'mm' or 'slices'"
+            )
+        if self.z_range is not None:
+            low, high = self.z_range
+            if low > high:
+                raise ConfigError(
+                    f"preprocess.z_range: got {list(self.z_range)}, expected [low, high] with "
+                    "low <= high"
+                )
+            if self.z_range_unit == "slices" and (low < 0 or low != int(low) or high != int(high)):
+                raise ConfigError(
+                    f"preprocess.z_range: got {list(self.z_range)} slices, expected whole "
+                    "slice indices >= 0"
+                )
         if sorted(set(self.label_map.values())) != [0, 1, 2]:
             raise ConfigError(
                 f"preprocess.label_map: got {self.label_map}, expected values 0, 1 and 2 "

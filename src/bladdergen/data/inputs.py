@@ -1,6 +1,11 @@
 """Finding the cases in a lab's input folder: which image goes with which label.
 
-Two layouts are recognised:
+An input is one of:
+
+a single volume file, or one DICOM series folder
+    one unlabeled case named after the file (or folder);
+a folder of volume files / DICOM series folders (no ``images/``)
+    one unlabeled case per entry;
 
 ``images/`` + ``labels/``
     ``images/<case>.nii.gz`` (or .nii, .mha, .mhd, .nrrd, or a folder holding one DICOM series),
@@ -10,6 +15,7 @@ nnU-Net raw layout
     unless ``labelsTs/`` holds its label). When every image name ends in a 4-digit channel suffix,
     ``_0000`` is dropped from the case id and other channels (``_0001``...) are refused (the
     toolkit takes one CT channel); otherwise (Decathlon style) the names are the case ids.
+    A ``dataset.json`` beside them names the label values (:func:`nnunet_label_map`).
 
 Problems that concern one case (a duplicate id, a label without an image, a second channel) are
 returned as :class:`CaseProblem` so ``--skip-bad`` can set them aside; problems with the folder
@@ -22,8 +28,10 @@ import dataclasses
 import re
 from pathlib import Path
 
-from bladdergen.data.volumes import strip_volume_suffix, volume_suffix
+from bladdergen.data.volumes import is_dicom_folder, strip_volume_suffix, volume_suffix
 from bladdergen.errors import InputError
+
+DATASET_JSON = "dataset.json"
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -85,18 +93,24 @@ def discover_cases(in_dir: Path) -> tuple[list[InputCase], list[CaseProblem]]:
     Raises InputError when ``in_dir`` is missing, has neither layout, or holds no image at all.
     """
     in_dir = Path(in_dir)
-    if not in_dir.is_dir():
-        raise InputError(f"{in_dir}: input folder not found")
+    if not in_dir.exists():
+        raise InputError(f"{in_dir}: no such file or folder, expected a folder of scans or a scan")
+    if in_dir.is_file():
+        if volume_suffix(in_dir) is None:
+            raise InputError(
+                f"{in_dir}: is a file but not a volume, expected .nii, .nii.gz, .mha, .mhd, "
+                ".nrrd or a folder"
+            )
+        return [_single_case(in_dir)], []
     nnunet = (in_dir / "imagesTr").is_dir() or (in_dir / "imagesTs").is_dir()
     if nnunet:
         pairs = [("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")]
     elif (in_dir / "images").is_dir():
         pairs = [("images", "labels")]
+    elif is_dicom_folder(in_dir):
+        return [_single_case(in_dir)], []
     else:
-        raise InputError(
-            f"{in_dir}: no images/ folder, expected images/ (+ labels/) or the nnU-Net layout "
-            "imagesTr/ (+ labelsTr/, imagesTs/)"
-        )
+        return _loose_cases(in_dir)
 
     images: dict[str, list[tuple[Path, str]]] = {}
     labels: dict[str, list[Path]] = {}
@@ -150,6 +164,105 @@ def discover_cases(in_dir: Path) -> tuple[list[InputCase], list[CaseProblem]]:
             CaseProblem(case_id, path, f"{path}: label has no matching image (case {case_id!r})")
         )
     return cases, sorted(problems, key=lambda p: (p.case_id, str(p.source)))
+
+
+def _single_case(path: Path) -> InputCase:
+    """One unlabeled case from a volume file or a DICOM series folder."""
+    name = path.name if path.is_dir() else strip_volume_suffix(path)
+    match = _CHANNEL.match(name)
+    if match and match["channel"] == "0000":
+        name = match["case"]
+    return InputCase(name, path, None, "single")
+
+
+def _loose_cases(folder: Path) -> tuple[list[InputCase], list[CaseProblem]]:
+    """Unlabeled cases from the volume files and DICOM series folders directly in ``folder``."""
+    entries = [p for p in _entries(folder) if p.is_file() or is_dicom_folder(p)]
+    if not entries:
+        raise InputError(
+            f"{folder}: no images/ folder and no volumes, expected images/ (+ labels/), the "
+            "nnU-Net layout imagesTr/ (+ labelsTr/, imagesTs/), volume files or DICOM series"
+        )
+    names = output_names(entries)
+    cases = [InputCase(names[p], p, None, "folder") for p in entries]
+    return sorted(cases, key=lambda c: c.case_id), []
+
+
+def nnunet_label_map(in_dir: Path) -> dict[int, int] | None:
+    """The label map (value -> class) that ``in_dir/dataset.json`` declares, or None without one.
+
+    nnU-Net v2 writes ``"labels": {"background": 0, "wall": 1, "tumor": 2}`` (v1: value -> name).
+    Names are matched to classes: ``background`` -> 0, a name containing ``wall`` -> 1, one
+    containing ``tumo`` (tumor, tumour) -> 2. Raises InputError naming the file for a label it
+    cannot place, or for a file that is not such JSON.
+    """
+    import json
+
+    path = Path(in_dir) / DATASET_JSON
+    if not Path(in_dir).is_dir() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable dataset.json ({error})") from None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise InputError(
+            f"{path}: has no 'labels' object, expected e.g. {{\"background\": 0, ...}}"
+        )
+    pairs: list[tuple[str, object]] = []
+    for key, value in labels.items():
+        if isinstance(value, str) and str(key).lstrip("-").isdigit():
+            pairs.append((value, int(key)))  # v1: "1": "wall"
+        else:
+            pairs.append((str(key), value))
+    label_map: dict[int, int] = {}
+    for name, value in pairs:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(
+                f"{path}: label {name!r} has value {value!r}, expected one integer "
+                "(region-based labels are not supported)"
+            )
+        lowered = name.lower()
+        if lowered == "background":
+            label_map[value] = 0
+        elif "wall" in lowered:
+            label_map[value] = 1
+        elif "tumo" in lowered:
+            label_map[value] = 2
+        else:
+            raise InputError(
+                f"{path}: label {name!r} = {value}, expected background, a bladder wall or a "
+                "tumor label"
+            )
+    if sorted(set(label_map.values())) != [0, 1, 2]:
+        raise InputError(
+            f"{path}: labels {dict(pairs)} do not name background, wall and tumor, expected all "
+            "three"
+        )
+    return label_map
+
+
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """Input volume -> the case name its outputs get (``segment`` writes ``<name>.nii.gz``).
+
+    The volume suffix is dropped, and nnU-Net's channel suffix too when every name ends in
+    ``_0000`` (``imagesTs/case_7_0000.nii.gz`` -> ``case_7``), so outputs pair with
+    ``labelsTs/case_7.nii.gz``. Raises InputError when two inputs would get the same name.
+    """
+    names = {p: p.name if p.is_dir() else strip_volume_suffix(p) for p in paths}
+    matches = {p: _CHANNEL.match(n) for p, n in names.items()}
+    if names and all(m is not None and m["channel"] == "0000" for m in matches.values()):
+        names = {p: m["case"] for p, m in matches.items()}
+    seen: dict[str, Path] = {}
+    for path, name in names.items():
+        if name in seen:
+            raise InputError(
+                f"{path}: gives the same output name {name!r} as {seen[name]}, expected "
+                "one input per case name"
+            )
+        seen[name] = path
+    return names
 
 
 def check_output_outside_input(in_dir: Path, out_dir: Path) -> None:

@@ -4,10 +4,12 @@ One image goes through, in this order (each step recorded in ``PreparedImage.rec
 
 1. **reorient** the index axes to the canonical orientation (RAS by default; nibabel orientations,
    so only axis permutations and flips, no interpolation);
-2. **in-plane resampling** (X, Y) to ``target_size`` voxels or ``target_spacing`` mm, the field of
+2. an optional **z-range** cut to the slab of interest (``z_range``, mm or slices), then an
+   optional central in-plane crop (``crop_mm``);
+3. **in-plane resampling** (X, Y) to ``target_size`` voxels or ``target_spacing`` mm, the field of
    view kept corner to corner (linear with antialiasing for images, nearest for labels);
-3. the **depth policy** to ``target_depth`` slices (:mod:`bladdergen.data.depth`);
-4. **intensity**: HU -> [-1, 1] through the window (:func:`bladdergen.data.intensity.hu_to_unit`).
+4. the **depth policy** to ``target_depth`` slices (:mod:`bladdergen.data.depth`);
+5. **intensity**: HU -> [-1, 1] through the window (:func:`bladdergen.data.intensity.hu_to_unit`).
 
 A label goes through the same geometric steps with nearest-neighbour choices
 (:func:`prepare_label`), and its values are mapped to classes 0/1/2 with the configured label map.
@@ -123,6 +125,36 @@ def _central_crop(
     return (starts[0], starts[1]), (sizes[0], sizes[1])
 
 
+def _z_range(
+    affine: np.ndarray, shape: tuple[int, ...], config: PreprocessConfig, source: Path | str
+) -> tuple[int, int]:
+    """(first slice, slice count) of ``config.z_range`` on a reoriented (X, Y, Z) ``shape``.
+
+    ``mm``: the slices whose centre's world z (``affine`` row 2) lies in the range; ``slices``:
+    indices, clipped to the stack. Raises InputError naming ``source`` when no slice is kept.
+    """
+    inplane, depth = shape[:2], int(shape[2])
+    if config.z_range is None:
+        return 0, depth
+    low, high = config.z_range
+    if config.z_range_unit == "slices":
+        first, last = int(low), min(int(high), depth - 1)
+        extent = f"slices 0..{depth - 1}"
+    else:
+        # world z of each slice's in-plane centre voxel
+        centre = affine[2, :2] @ (np.asarray(inplane, dtype=np.float64) - 1) / 2 + affine[2, 3]
+        z = affine[2, 2] * np.arange(depth) + centre
+        inside = np.flatnonzero((z >= low - 1e-6) & (z <= high + 1e-6))
+        first, last = (int(inside[0]), int(inside[-1])) if inside.size else (1, 0)
+        extent = f"z {min(z[0], z[-1]):.1f}..{max(z[0], z[-1]):.1f} mm"
+    if last < first:
+        raise InputError(
+            f"{source}: z_range {[low, high]} {config.z_range_unit} keeps no slice of the scan "
+            f"({extent}), expected a range that overlaps it"
+        )
+    return first, last - first + 1
+
+
 def _target_inplane_size(
     shape: tuple[int, int], spacing: tuple[float, float], config: PreprocessConfig
 ) -> tuple[int, int]:
@@ -160,6 +192,14 @@ def prepare_image(volume: Volume, config: PreprocessConfig) -> PreparedImage:
     oriented_shape = tuple(int(n) for n in array.shape)
     oriented_spacing = _spacing(affine)
 
+    # 2a. optional z-range: the slab of interest of a long scan
+    z_start, z_count = _z_range(affine, oriented_shape, config, volume.source)
+    if (z_start, z_count) != (0, oriented_shape[2]):
+        array = np.ascontiguousarray(array[:, :, z_start : z_start + z_count])
+        shift = np.eye(4)
+        shift[2, 3] = z_start
+        affine = affine @ shift
+
     # 2. optional central field-of-view crop, then in-plane resampling
     crop_start, cropped_shape = _central_crop(oriented_shape[:2], oriented_spacing[:2], config)
     if cropped_shape != oriented_shape[:2]:
@@ -175,7 +215,7 @@ def prepare_image(volume: Volume, config: PreprocessConfig) -> PreparedImage:
         affine = affine @ _corner_index_map(cropped_shape, size)
 
     # 3. depth policy
-    plan = DepthPlan.make(oriented_shape[2], config.target_depth, config.depth_policy)
+    plan = DepthPlan.make(z_count, config.target_depth, config.depth_policy)
     array = apply_depth(array, plan, nearest=False)
     affine = affine @ plan.z_index_map()
 
@@ -194,6 +234,12 @@ def prepare_image(volume: Volume, config: PreprocessConfig) -> PreparedImage:
             "to": config.orientation,
             "transform": transform.astype(int).tolist(),
             "shape": list(oriented_shape),
+        },
+        "crop_depth": {
+            "applied": (z_start, z_count) != (0, oriented_shape[2]),
+            "start": int(z_start),
+            "depth_in": int(oriented_shape[2]),
+            "depth_out": int(z_count),
         },
         "crop_inplane": {
             "applied": cropped_shape != oriented_shape[:2],
@@ -229,6 +275,10 @@ def prepare_label(label: Volume, record: dict[str, Any], label_map: dict[int, in
     classes = label_values_to_classes(label.array, label_map, label.source)
     transform = np.array(record["reorient"]["transform"])
     classes = nib.orientations.apply_orientation(classes, transform)
+    depth_crop = record.get("crop_depth", {"applied": False})
+    if depth_crop["applied"]:
+        z0, nz = depth_crop["start"], depth_crop["depth_out"]
+        classes = classes[:, :, z0 : z0 + nz]
     crop = record.get("crop_inplane", {"applied": False})
     if crop["applied"]:
         (x0, y0), (nx, ny) = crop["start"], crop["shape_out"]
@@ -314,6 +364,12 @@ def restore_label(classes: np.ndarray, record: dict[str, Any]) -> np.ndarray:
         (x0, y0), (nx, ny) = crop["start"], crop["shape_out"]
         full = np.zeros((*crop["shape_in"], array.shape[2]), dtype=array.dtype)
         full[x0 : x0 + nx, y0 : y0 + ny] = array
+        array = full
+    depth_crop = record.get("crop_depth", {"applied": False})
+    if depth_crop["applied"]:  # outside the z-range nothing was segmented: background (0)
+        z0, nz = depth_crop["start"], depth_crop["depth_out"]
+        full = np.zeros((*array.shape[:2], depth_crop["depth_in"]), dtype=array.dtype)
+        full[:, :, z0 : z0 + nz] = array
         array = full
     # The inverse of "original axes -> canonical" is "canonical -> original axes".
     current = nib.orientations.io_orientation(np.array(record["original"]["affine"]))

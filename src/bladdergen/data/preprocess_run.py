@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -27,15 +28,16 @@ from typing import Any
 import numpy as np
 
 from bladdergen.data.config import PreprocessConfig
-from bladdergen.data.dataset import CLASS_NAMES, MANIFEST_FORMAT, MANIFEST_NAME
+from bladdergen.data.dataset import CLASS_NAMES, MANIFEST_FORMAT, MANIFEST_NAME, PreprocessedSet
 from bladdergen.data.inputs import (
     CaseProblem,
     InputCase,
     check_output_outside_input,
     discover_cases,
+    nnunet_label_map,
 )
 from bladdergen.data.preprocess import prepare_image, prepare_label
-from bladdergen.data.volumes import read_volume, write_nifti
+from bladdergen.data.volumes import geometry_difference, read_volume, write_nifti
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_json, atomic_write_text, sha256_file
 from bladdergen.progress import SILENT, Reporter
@@ -69,6 +71,11 @@ def preprocess_folder(
     if workers < 1:
         raise InputError(f"--workers: got {workers}, expected >= 1")
     check_output_outside_input(in_dir, out_dir)
+    declared = nnunet_label_map(in_dir)
+    if declared is not None and declared != config.label_map:
+        # the dataset's own description of its label values wins over the generic default
+        config = dataclasses.replace(config, label_map=declared)
+        reporter.notice(f"{in_dir / 'dataset.json'}: label values -> classes {declared}")
     cases, problems = discover_cases(in_dir)
     if problems and not skip_bad:
         raise InputError(problems[0].error)
@@ -122,6 +129,7 @@ def preprocess_folder(
         _commit(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    remove_stale_staging(out_dir)
     return _summary(manifest, out_dir, skipped=False)
 
 
@@ -189,10 +197,9 @@ def _check_same_grid(shape: tuple[int, ...], affine: np.ndarray, label: Any, ima
     gap = max(float(np.abs(affine @ p - label.affine @ p).max()) for p in (origin, corner))
     spacing = float(np.linalg.norm(affine[:3, :3], axis=0).min())
     if gap > GEOMETRY_TOLERANCE_VOXELS * spacing:
-        raise InputError(
-            f"{label.source}: label geometry differs from image {image.name} by {gap:.3g} mm "
-            "(origin, spacing or direction), expected the same voxel-to-world affine"
-        )
+        what = geometry_difference(label.affine, affine, GEOMETRY_TOLERANCE_VOXELS * spacing)
+        what = what or f"voxel-to-world affine differs by {gap:.3g} mm"
+        raise InputError(f"{label.source}: label {what} like its image {image.name}")
 
 
 def _process_context() -> multiprocessing.context.BaseContext:
@@ -315,21 +322,11 @@ def _fingerprint(
 
 
 def _existing_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / MANIFEST_NAME
-    if not path.is_file():
-        return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        return None
-    # Only a complete set counts: every listed file must still be there.
-    for case in manifest.get("cases", []):
-        for key in ("image", "label"):
-            if case.get(key) and not (out_dir / case[key]).is_file():
-                return None
-    return manifest
+        dataset = PreprocessedSet.open(out_dir, check_voxels=False)
+    except InputError:
+        return None  # not a complete, intact set: it does not count as done
+    return dataset.manifest
 
 
 def _commit(staging: Path, out_dir: Path) -> None:
@@ -345,6 +342,33 @@ def _commit(staging: Path, out_dir: Path) -> None:
     else:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, out_dir)
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the ``.<out>.staging-<pid>`` / ``.old-<pid>`` folders that killed runs left beside
+    ``out_dir`` (those whose process no longer runs); returns what was removed."""
+    removed = []
+    parent = Path(out_dir).parent
+    if not parent.is_dir():
+        return removed
+    for kind in ("staging", "old"):
+        for path in parent.glob(f".{Path(out_dir).name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process: leave its folder alone
+    return True
 
 
 def _summary(manifest: dict[str, Any], out_dir: Path, skipped: bool) -> dict[str, Any]:

@@ -12,6 +12,8 @@ are read with SimpleITK, whose world is LPS: the affine is flipped on x and y to
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import zlib
 from pathlib import Path
 
@@ -27,6 +29,13 @@ SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+MAX_VOXELS_ENV = "BLADDERGEN_MAX_VOXELS"
+# 2**30 voxels (4 GiB as float32): a 512 x 512 x 4096 scan. Larger claims are refused before any
+# memory is allocated; raise it with BLADDERGEN_MAX_VOXELS for bigger volumes.
+DEFAULT_MAX_VOXELS = 2**30
+# deflate cannot expand data by more than ~1032:1, so a .nii.gz of N bytes holds < 1032 N bytes.
+_GZIP_MAX_RATIO = 1032
 
 
 @dataclasses.dataclass
@@ -113,18 +122,85 @@ def read_volume(path: Path) -> Volume:
     return Volume(array=array, affine=np.asarray(affine, dtype=np.float64), source=path)
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def max_voxels() -> int:
+    """The largest volume (in voxels) a reader accepts: ``BLADDERGEN_MAX_VOXELS`` or 2**30."""
+    text = os.environ.get(MAX_VOXELS_ENV)
+    if text is None:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"{MAX_VOXELS_ENV}: got {text!r}, expected a positive whole number")
+    return value
+
+
+def _check_voxel_count(path: Path, shape: tuple[int, ...]) -> None:
+    voxels = math.prod(shape)
+    limit = max_voxels()
+    if voxels > limit:
+        raise InputError(
+            f"{path}: header claims shape {'x'.join(map(str, shape))} = {voxels} voxels, "
+            f"expected at most {limit} ({MAX_VOXELS_ENV})"
+        )
+
+
+def open_nifti(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file's header without reading voxels; the one NIfTI reader of the toolkit.
+
+    The header's claimed size is checked before anything is allocated: more voxels than
+    :func:`max_voxels`, or more voxel bytes than the file can hold (uncompressed: its size;
+    ``.nii.gz``: the most deflate can expand it), is an InputError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises many types for garbage headers
         raise InputError(f"{path}: unreadable NIfTI ({_first_line(error)})") from None
+    shape = tuple(int(n) for n in image.shape)
+    voxels = math.prod(shape)
+    _check_voxel_count(path, shape)
+    header = image.header
+    data_bytes = voxels * int(header.get_data_dtype().itemsize)
+    offset = int(header.get("vox_offset", 0)) if hasattr(header, "get") else 0
+    file_bytes = path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    room = file_bytes * _GZIP_MAX_RATIO if compressed else file_bytes - offset
+    if data_bytes > room:
+        raise InputError(
+            f"{path}: header claims shape {'x'.join(map(str, shape))} ({data_bytes} bytes of "
+            f"voxels) but the file has {file_bytes} bytes, expected a complete NIfTI file"
+        )
+    return image
+
+
+def nifti_array(image: nib.Nifti1Image, path: Path, dtype: np.dtype | None = None) -> np.ndarray:
+    """The voxels of an image from :func:`open_nifti`, scale factors applied.
+
+    ``dtype``: a float dtype to read as (``get_fdata``), or None for the stored type (labels).
+    Trailing singleton axes beyond the third are dropped. Truncated data is an InputError.
+    """
     try:
-        array = np.asarray(image.get_fdata(dtype=np.float32))
-    except (OSError, EOFError, ValueError, zlib.error) as error:
+        if dtype is None:
+            array = np.asanyarray(image.dataobj)
+        else:
+            array = np.asarray(image.get_fdata(dtype=dtype))
+    except (OSError, EOFError, ValueError, zlib.error, MemoryError) as error:
         raise InputError(
             f"{path}: truncated or corrupt NIfTI data ({_first_line(error)}), expected "
             f"{'x'.join(str(n) for n in image.shape)} voxels"
         ) from None
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = open_nifti(path)
+    array = nifti_array(image, path, np.float32)
     return array, np.asarray(image.affine, dtype=np.float64)
 
 
@@ -132,6 +208,10 @@ def _read_with_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()  # the header only: refuse an impossible size before reading
+        _check_voxel_count(path, tuple(int(n) for n in info.GetSize()))
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InputError(f"{path}: unreadable image ({_first_line(error)})") from None
@@ -194,6 +274,34 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
             "expected a 3D volume with several axial slices"
         )
     return array.astype(np.float32, copy=False)
+
+
+def geometry_difference(
+    affine: np.ndarray, expected: np.ndarray, tolerance_mm: float
+) -> str | None:
+    """What differs between two voxel-to-world affines, in words for an error message, or None.
+
+    Spacing, then direction, then origin are compared; the first that differs is named with
+    both values (``origin (35, 30, -50) mm, expected (30, 30, -50) mm``).
+    """
+    affine, expected = np.asarray(affine, float), np.asarray(expected, float)
+    spacing, wanted = (
+        np.linalg.norm(affine[:3, :3], axis=0),
+        np.linalg.norm(expected[:3, :3], axis=0),
+    )
+    if np.abs(spacing - wanted).max() > max(tolerance_mm, 1e-4 * wanted.max()):
+        return f"spacing {_mm(spacing)} mm, expected {_mm(wanted)} mm"
+    if np.abs(affine[:3, :3] / spacing - expected[:3, :3] / wanted).max() > 1e-4:
+        codes = "".join(nib.orientations.aff2axcodes(affine))
+        wanted_codes = "".join(nib.orientations.aff2axcodes(expected))
+        return f"direction {codes}, expected {wanted_codes} (or an oblique difference)"
+    if np.abs(affine[:3, 3] - expected[:3, 3]).max() > tolerance_mm:
+        return f"origin {_mm(affine[:3, 3])} mm, expected {_mm(expected[:3, 3])} mm"
+    return None
+
+
+def _mm(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def _first_line(error: BaseException) -> str:

@@ -45,6 +45,11 @@ class DeepAtlasConfig:
     the other image of a segmentation pair, as an extra supervised pair (0 turns it off).
     ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
     anatomy plausibility check (:mod:`bladdergen.evaluate.anatomy`) leave the pool.
+    ``synthetic_pairs``: a ``--synthetic`` sample whose generated label map passed ``sample``'s
+    anatomy checks is a labeled case (also for ``--supervised-only``: the "supervised + synthetic
+    pairs" arm); samples without a (plausible) label stay unlabeled images. In supervised draws a
+    synthetic pair is picked ``synthetic_pair_weight`` times as often as a real labeled case (0.5:
+    a prior, not a measured optimum).
 
     Schedule (global step = one optimiser update of either network): ``reg_pretrain_steps`` of
     unsupervised registration, then ``seg_pretrain_steps`` of supervised segmentation, then cycles
@@ -78,6 +83,9 @@ class DeepAtlasConfig:
     class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
     tumor_case_fraction: float = 0.5
     reg_augment_weight: float = 1.0
+    # synthetic CT + label pairs from `sample` (--synthetic) as labeled data
+    synthetic_pairs: bool = True
+    synthetic_pair_weight: float = 0.5
     synthetic_filter: bool = True
     # optimisation and schedule
     reg_lr: float = 5e-4
@@ -160,6 +168,10 @@ class DeepAtlasConfig:
         if not 0.0 <= self.tumor_case_fraction <= 1.0:
             raise ConfigError(
                 f"deepatlas.tumor_case_fraction: got {self.tumor_case_fraction}, expected in [0, 1]"
+            )
+        if self.synthetic_pair_weight <= 0:
+            raise ConfigError(
+                f"deepatlas.synthetic_pair_weight: got {self.synthetic_pair_weight}, expected > 0"
             )
         if self.reg_augment_weight < 0:
             raise ConfigError(

@@ -99,33 +99,64 @@ def pool_from_folder(
     prepared_dir: Path,
     preprocess: PreprocessConfig,
     reporter: Reporter = SILENT,
+    with_labels: bool = False,
 ) -> list[PoolImage]:
-    """All images of a pool folder (every case, labels ignored), prepared if they are raw volumes.
+    """All images of a pool folder, prepared if they are raw volumes.
 
-    Raises InputError when the folder does not exist or holds no volumes.
+    With ``with_labels`` an image keeps its label map where it has one (a preprocessed set's
+    label, or ``labels/<name>`` beside a ``sample`` output's image, prepared with the image's own
+    geometric steps) and only if ``sample`` found that label plausible (``checks/<name>.json``;
+    no checks file counts as plausible): these are labeled synthetic pairs. Labels are ignored
+    otherwise. Raises InputError when the folder does not exist or holds no volumes.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: {source} folder not found")
     if is_preprocessed_set(folder):  # a sample folder's manifest.json is not one
         dataset = PreprocessedSet.open(folder)
-        return [PoolImage(f"{source}:{c.case_id}", source, c.image_path) for c in dataset.cases]
-    raw = list_raw_volumes(folder)
+        return [
+            PoolImage(
+                f"{source}:{c.case_id}", source, c.image_path, c.label_path if with_labels else None
+            )
+            for c in dataset.cases
+        ]
+    from bladdergen.diffusion.layout import sample_images_folder  # a `sample` output: images/
+
+    raw = list_raw_volumes(sample_images_folder(folder))
     if not raw:
         raise InputError(
             f"{folder}: no volumes found, expected a preprocessed set or NIfTI/DICOM volumes"
         )
-    from bladdergen.data.preprocess import prepare_image
-    from bladdergen.data.volumes import read_volume, strip_volume_suffix, write_nifti
-
     images = []
     with reporter.task(f"preparing {source} volumes", total=len(raw)) as task:
         for path in raw:
-            name = strip_volume_suffix(path)
-            out = Path(prepared_dir) / source / f"{name}.nii.gz"
-            if not out.is_file():
-                prepared = prepare_image(read_volume(path), preprocess)
-                write_nifti(out, prepared.image, prepared.affine, np.float32)
-            images.append(PoolImage(f"{source}:{name}", source, out))
+            images.append(_prepared(path, source, Path(prepared_dir), preprocess, with_labels))
             task.advance(1)
     return images
+
+
+def _prepared(
+    path: Path, source: str, prepared_dir: Path, preprocess: PreprocessConfig, with_labels: bool
+) -> PoolImage:
+    """One raw pool volume (and its plausible label map) through the training preprocessing,
+    once: the prepared image is written last, so its presence marks a finished pair."""
+    import json
+
+    from bladdergen.data.preprocess import prepare_image, prepare_label
+    from bladdergen.data.volumes import read_volume, strip_volume_suffix, write_nifti
+    from bladdergen.diffusion.layout import sample_label_and_checks
+
+    name = strip_volume_suffix(path)
+    out = prepared_dir / source / f"{name}.nii.gz"
+    label_out = prepared_dir / source / "labels" / f"{name}.nii.gz"
+    label_path, checks_path = sample_label_and_checks(path)
+    paired = with_labels and label_path.is_file()
+    if paired and checks_path.is_file():
+        paired = bool(json.loads(checks_path.read_text(encoding="utf-8"))["checks"]["plausible"])
+    if not out.is_file():
+        prepared = prepare_image(read_volume(path), preprocess)
+        if paired:
+            label = prepare_label(read_volume(label_path), prepared.record, preprocess.label_map)
+            write_nifti(label_out, label, prepared.affine, np.uint8)
+        write_nifti(out, prepared.image, prepared.affine, np.float32)
+    return PoolImage(f"{source}:{name}", source, out, label_out if paired else None)

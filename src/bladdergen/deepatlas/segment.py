@@ -10,6 +10,9 @@ wall / 128 tumor by default).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +20,27 @@ import numpy as np
 import torch
 
 from bladdergen import checkpoint as ckpt
+from bladdergen.data.dataset import CLASS_NAMES
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.networks import SegmentationNet, expand_state_dict
 from bladdergen.errors import InputError
-from bladdergen.fileio import atomic_write_json
+from bladdergen.fileio import atomic_write_json, check_inside, check_output_folder
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.settings import from_mapping
 
 KIND = "deepatlas"
+SUMMARY_NAME = "segment.json"
+# What segment writes into OUT_DIR (anything else there is refused as unrelated).
+OWNED_OUTPUTS = ("*.nii.gz", SUMMARY_NAME, "config.yaml")
+# What segmenting reads from a ``train-deepatlas`` checkpoint's metadata.
+SEGMENTER_METADATA = {
+    "config.deepatlas": dict,
+    "preprocess": dict,
+    "preprocess.label_map": dict,
+    "label_map": dict,
+    "window": list,
+    "train_shape": list,
+}
 
 
 def load_segmentation_model(
@@ -39,6 +55,7 @@ def load_segmentation_model(
     """
     path = ckpt.resolve_weights(Path(path_or_run_dir), prefer_best=prefer_best)
     tensors, metadata = ckpt.load_weights(path, expected_kind=KIND, device="cpu")
+    ckpt.require_metadata(metadata, path, SEGMENTER_METADATA)
     config = from_mapping(DeepAtlasConfig, metadata["config"]["deepatlas"], f"{path} metadata")
     net = SegmentationNet.from_config(config)
     weights = {k[len("seg_net.") :]: v for k, v in tensors.items() if k.startswith("seg_net.")}
@@ -133,6 +150,8 @@ def segment_paths(
     label_values: bool = True,
     overwrite: bool = False,
     overlap: float | None = None,
+    z_range: tuple[float, float] | None = None,
+    z_range_unit: str | None = None,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
     """Segment every volume at ``in_path`` with the model at ``model``; write label maps to
@@ -140,52 +159,100 @@ def segment_paths(
 
     ``label_values``: write the dataset's values (0/255/128 by default), else classes 0/1/2.
     ``overlap``: sliding-window overlap, default the run's ``deepatlas.sw_overlap``.
+    ``z_range`` / ``z_range_unit``: cut each scan to this slab first (as ``preprocess.z_range``;
+    default: the training set's own setting); outside it the label map is background.
     Raises InputError for unreadable inputs or an existing output without ``overwrite``,
     CheckpointError for a bad model.
     """
-    from bladdergen.data.config import PreprocessConfig
+    from bladdergen.data.dataset import preprocess_config_from_mapping
+    from bladdergen.data.inputs import output_names
     from bladdergen.data.preprocess import classes_to_label_values, prepare_image, restore_label
-    from bladdergen.data.volumes import read_volume, strip_volume_suffix, write_nifti
+    from bladdergen.data.volumes import read_volume, write_nifti
     from bladdergen.runtime import resolve_device
-    from bladdergen.settings import from_mapping as config_from_mapping
 
-    torch_device = resolve_device(device)
-    net, metadata = load_segmentation_model(model, torch_device)
-    settings = dict(metadata["preprocess"])
-    # JSON metadata turned the label map's integer keys into strings
-    settings["label_map"] = {int(k): int(v) for k, v in settings["label_map"].items()}
-    preprocess = config_from_mapping(PreprocessConfig, settings, f"{metadata['checkpoint']}")
-    label_map = {int(k): int(v) for k, v in metadata["label_map"].items()}
-    if overlap is None:
-        overlap = float(metadata["config"]["deepatlas"].get("sw_overlap", 0.25))
     inputs = list_inputs(in_path)
     out_dir = Path(out_dir)
-    outputs = {path: out_dir / f"{strip_volume_suffix(path)}.nii.gz" for path in inputs}
+    check_output_folder(out_dir, OWNED_OUTPUTS, "segment")
+    outputs = {path: out_dir / f"{name}.nii.gz" for path, name in output_names(inputs).items()}
+    for path, out in outputs.items():
+        if out.resolve() == path.resolve():
+            raise InputError(f"{out}: output would replace its input, expected another OUT_DIR")
+        check_inside(out_dir, out)
     if not overwrite:
         existing = [str(o) for o in outputs.values() if o.exists()]
         if existing:
             raise InputError(f"{existing[0]}: output exists; pass --overwrite to replace it")
+    previous = _previous_cases(out_dir / SUMMARY_NAME)
+
+    torch_device = resolve_device(device)
+    net, metadata = load_segmentation_model(model, torch_device)
+    where = f"{metadata['checkpoint']}: metadata preprocess"
+    preprocess = preprocess_config_from_mapping(metadata["preprocess"], where)
+    if z_range is not None or z_range_unit is not None:
+        preprocess = dataclasses.replace(
+            preprocess,
+            z_range=tuple(z_range) if z_range is not None else preprocess.z_range,
+            z_range_unit=z_range_unit or preprocess.z_range_unit,
+        )
+        preprocess.validate()
+    label_map = preprocess.label_map
+    if overlap is None:
+        overlap = float(metadata["config"]["deepatlas"].get("sw_overlap", 0.25))
+
+    # All or nothing: label maps go to hidden files first and take their names only once every
+    # input has been segmented, so a bad input in the middle leaves OUT_DIR as it was.
+    staged: list[tuple[Path, Path]] = []
     cases = []
-    with reporter.task("segment", total=len(inputs)) as task:
-        for path, out in outputs.items():
-            volume = read_volume(path)
-            prepared = prepare_image(volume, preprocess)
-            image = torch.from_numpy(prepared.image)[None, None].to(torch_device)
-            classes = predict_classes(net, image, overlap).cpu().numpy().astype(np.uint8)
-            restored = restore_label(classes, prepared.record)
-            values = classes_to_label_values(restored, label_map) if label_values else restored
-            write_nifti(out, values, volume.affine, np.uint8)
-            counts = {
-                name: int((restored == i).sum())
-                for i, name in enumerate(("background", "wall", "tumor"))
-            }
-            cases.append({"input": str(path), "output": str(out), "voxels": counts})
-            task.advance(1)
+    try:
+        with reporter.task("segment", total=len(inputs)) as task:
+            for path, out in outputs.items():
+                volume = read_volume(path)
+                prepared = prepare_image(volume, preprocess)
+                image = torch.from_numpy(prepared.image)[None, None].to(torch_device)
+                classes = predict_classes(net, image, overlap).cpu().numpy().astype(np.uint8)
+                restored = restore_label(classes, prepared.record)
+                values = classes_to_label_values(restored, label_map) if label_values else restored
+                hidden = out.with_name(f".{out.name}.partial.nii.gz")
+                staged.append((hidden, out))
+                write_nifti(hidden, values, volume.affine, np.uint8)
+                counts = {name: int((restored == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+                cases.append(
+                    {
+                        "input": str(path),
+                        "output": str(out),
+                        "model": metadata["checkpoint"],
+                        "voxels": counts,
+                    }
+                )
+                task.advance(1)
+        for hidden, out in staged:
+            os.replace(hidden, out)
+    finally:
+        for hidden, _ in staged:
+            hidden.unlink(missing_ok=True)
+    written = {c["output"] for c in cases}
+    kept = [c for c in previous if c.get("output") not in written]
     summary = {
         "model": metadata["checkpoint"],
         "mode": metadata.get("mode"),
         "label_values": label_values,
-        "cases": cases,
+        "cases": kept + cases,
     }
-    atomic_write_json(out_dir / "segment.json", summary)
+    atomic_write_json(out_dir / SUMMARY_NAME, summary)
     return {"out_dir": str(out_dir), "segmented": len(cases), "model": metadata["checkpoint"]}
+
+
+def _previous_cases(path: Path) -> list[dict[str, Any]]:
+    """The case entries of an earlier ``segment.json`` in the output folder (kept on a rerun)."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(
+            f"{path}: unreadable segment.json, expected the JSON a previous segment wrote"
+        ) from None
+    cases = data.get("cases") if isinstance(data, dict) else None
+    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+        raise InputError(f"{path}: has no list of cases, expected the JSON segment writes")
+    return cases

@@ -49,7 +49,7 @@ from bladdergen.deepatlas.pairs import (
 )
 from bladdergen.deepatlas.pools import PoolImage, VolumeCache, pool_from_folder, split_labeled
 from bladdergen.deepatlas.segment import dice_per_class, predict_classes
-from bladdergen.engine.run import RunFolder, unwrap
+from bladdergen.engine.run import RunFolder, RunKind, unwrap
 from bladdergen.errors import ConfigError, InputError
 from bladdergen.fileio import atomic_write_json
 from bladdergen.progress import SILENT, Reporter
@@ -62,6 +62,7 @@ MODE_DEEPATLAS, MODE_SUPERVISED = "deepatlas", "supervised-only"
 RESUMABLE_KEYS = {"max_steps", "device", "val_every", "checkpoint_every", "log_every"}
 RESUMABLE_KEYS |= {"cache_volumes", "sw_overlap"}
 PREPARED_DIR = "prepared"
+RUN_KIND = RunKind(KIND, RESUMABLE_KEYS, entries={"split.json", PREPARED_DIR})
 
 
 class _Images:
@@ -81,6 +82,21 @@ class _Images:
         """(B, 1, X, Y, Z) int64 classes of labeled images."""
         arrays = [self.cache.get(self.items[i].label_path, np.uint8) for i in indices]
         return torch.from_numpy(np.stack(arrays).astype(np.int64))[:, None].to(device)
+
+    synthetic_weight = 1.0
+
+    def draw(self, rng: np.random.Generator, count: int) -> list[int]:
+        """``count`` labeled indices with replacement: real cases weigh 1, synthetic pairs
+        ``synthetic_weight``."""
+        weights = np.array(
+            [
+                self.synthetic_weight if p.source == "synthetic" else 1.0
+                for p in self.items[: self.n_labeled]
+            ]
+        )
+        if weights.min() == weights.max():
+            return labeled_batch(rng, self.n_labeled, count)
+        return [int(i) for i in rng.choice(self.n_labeled, size=count, p=weights / weights.sum())]
 
     def tumor_cases(self) -> list[int]:
         """Indices of the labeled images whose label holds tumor voxels."""
@@ -151,40 +167,42 @@ def train_deepatlas(
     labeled = [_pool_image(dataset.case(c), "labeled") for c in train_ids]
     validation = [_pool_image(dataset.case(c), "validation") for c in val_ids]
     unlabeled: list[PoolImage] = []
-    if supervised_only and (unlabeled_dirs or synthetic_dir is not None):
-        reporter.notice("--supervised-only: the unlabeled and synthetic pools are not used")
-    elif not supervised_only:
+    if supervised_only and unlabeled_dirs:
+        reporter.notice("--supervised-only: the unlabeled pools are not used")
+    if not supervised_only:
         unlabeled = [
             PoolImage(f"unlabeled:{c.case_id}", "unlabeled", c.image_path)
             for c in dataset.unlabeled_cases
         ]
-    pools_wanted = [(d, "unlabeled") for d in unlabeled_dirs or []]
+    pools_wanted = [] if supervised_only else [(d, "unlabeled") for d in unlabeled_dirs or []]
     pools_wanted += [(synthetic_dir, "synthetic")] if synthetic_dir is not None else []
     pools = {
         "labeled": [p.case_id for p in labeled],
         "validation": [p.case_id for p in validation],
         "unlabeled": [p.case_id for p in unlabeled],
-        "folders": []
-        if supervised_only
-        else [[str(Path(d).resolve()), s] for d, s in pools_wanted],
+        "folders": [[str(Path(d).resolve()), s] for d, s in pools_wanted],
+        "synthetic_pairs": cfg.synthetic_pairs,
     }
+    facts = {"mode": mode, "pools": pools}
     run = RunFolder.open(
-        run_dir,
-        kind=KIND,
-        settings=cfg,
-        seed=seed,
-        resume=resume,
-        resumable=RESUMABLE_KEYS,
-        runtime=runtime,
-        reporter=reporter,
-        stage_entries={"split.json", PREPARED_DIR},
-        facts={"mode": mode, "pools": pools},
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
     )
-    if not supervised_only:
-        with main_process_first(runtime):
-            for folder, source in pools_wanted:
-                prepared = run.path / PREPARED_DIR
-                unlabeled += pool_from_folder(folder, source, prepared, preprocess, run.reporter)
+    synthetic_pairs: list[PoolImage] = []
+    with main_process_first(runtime):
+        for folder, source in pools_wanted:
+            prepared = run.path / PREPARED_DIR
+            paired = cfg.synthetic_pairs and source == "synthetic"
+            pool = pool_from_folder(folder, source, prepared, preprocess, run.reporter, paired)
+            # synthetic CT + label pairs are labeled data; image-only volumes stay unlabeled
+            synthetic_pairs += [p for p in pool if p.label_path is not None]
+            if not supervised_only:
+                unlabeled += [p for p in pool if p.label_path is None]
+    labeled += synthetic_pairs
+    if synthetic_pairs:
+        run.reporter.notice(
+            f"{len(synthetic_pairs)} synthetic CT + label pairs join the labeled cases "
+            f"(sampling weight {cfg.synthetic_pair_weight:g} against a real case)"
+        )
     if runtime.is_main:
         atomic_write_json(run.path / "split.json", {**pools, "unlabeled": _ids(unlabeled)})
     shape = tuple(int(n) for n in dataset.load_image(dataset.case(train_ids[0])).shape)
@@ -233,6 +251,7 @@ def train_deepatlas(
         _save_weights(path, seg_net, reg_net, {**metadata, "step": run.step, **extra})
 
     images = _Images(labeled, unlabeled, cfg.cache_volumes)
+    images.synthetic_weight = cfg.synthetic_pair_weight
     if kept_unlabeled is not None:
         images = images.with_unlabeled(kept_unlabeled)
     val_images = _Images(validation, [], cfg.cache_volumes)
@@ -296,6 +315,7 @@ def train_deepatlas(
         validation_cases=len(validation),
         unlabeled_images=sum(p.source == "unlabeled" for p in unlabeled),
         synthetic_images=sum(p.source == "synthetic" for p in unlabeled),
+        synthetic_pairs=len(synthetic_pairs),
         synthetic_images_kept=sum(p.source == "synthetic" for p in images.items),
         anatomy_gate_open=gate_open,
         best_step=best_step,
@@ -430,7 +450,7 @@ def _supervised_draw(rng, images, cfg) -> list[int]:
     """Labeled indices of a supervised batch: with probability ``tumor_case_fraction`` each draw
     picks a tumor-bearing case (when there is one), else any labeled case."""
     tumors = images.tumor_cases() if cfg.tumor_case_fraction > 0 else []
-    indices = labeled_batch(rng, images.n_labeled, cfg.batch_size)
+    indices = images.draw(rng, cfg.batch_size)
     if not tumors:
         return indices
     return [

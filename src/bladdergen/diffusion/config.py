@@ -95,7 +95,14 @@ class SampleConfig:
     ``sampler``: ``ddim`` (deterministic with ``eta`` 0, ~50 steps) or ``ddpm`` (ancestral; with
     ``steps`` equal to the training T it is the paper's sampler). ``clip_x0`` clamps each step's
     predicted clean latent to [-1, 1] (the codebook range) as the paper does. ``previews`` writes a
-    PNG montage of all axial slices next to every volume.
+    PNG montage of all axial slices next to every volume (the generated label outlined on it).
+
+    ``layout``: ``bladdergen`` (images at the top of OUT, ``labels/`` in the dataset's values) or
+    ``nnunet`` (nnU-Net v2 raw: ``imagesTr/``, ``labelsTr/`` with classes 0/1/2, ``dataset.json``).
+    ``keep``: ``all`` samples, or only ``plausible`` ones (every anatomy check of the generated
+    label map passes); then ``-n`` counts kept samples and at most ``max_attempts`` x n candidates
+    are tried, the rejected ones recorded in the manifest. Both need a VQ-GAN with a trained label
+    decoder.
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -104,9 +111,14 @@ class SampleConfig:
     clip_x0: bool = True
     batch_size: int = 4
     previews: bool = True
+    layout: Literal["bladdergen", "nnunet"] = "bladdergen"
+    keep: Literal["all", "plausible"] = "all"
+    max_attempts: int = 10
     device: str = "auto"
 
     def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"sample.max_attempts: got {self.max_attempts}, expected >= 1")
         if self.steps < 1:
             raise ConfigError(f"sample.steps: got {self.steps}, expected >= 1")
         if self.batch_size < 1:

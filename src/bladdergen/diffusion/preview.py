@@ -1,5 +1,6 @@
 """PNG previews of generated volumes: a montage of every axial slice, written without extra
-dependencies (8-bit greyscale PNG via zlib)."""
+dependencies (8-bit PNG via zlib); a generated label map is drawn as outlines on it (wall in
+yellow, tumor in red)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import numpy as np
 
 from bladdergen.fileio import atomic_write_bytes
 
+OUTLINE_COLOURS = {1: (255, 220, 0), 2: (255, 40, 40)}  # wall, tumor
+
 
 def encode_png_gray(image: np.ndarray) -> bytes:
-    """An 8-bit greyscale PNG file's bytes for ``image`` (H, W) of uint8."""
+    """An 8-bit PNG file's bytes for ``image``: (H, W) greyscale or (H, W, 3) RGB, uint8."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
-    height, width = image.shape
+    height, width = image.shape[:2]
+    colour_type = 2 if image.ndim == 3 else 0
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(tag + data) & 0xFFFFFFFF
@@ -24,7 +28,7 @@ def encode_png_gray(image: np.ndarray) -> bytes:
 
     # every scanline starts with filter type 0 (none)
     raw = b"".join(b"\x00" + row.tobytes() for row in image)
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
@@ -52,7 +56,33 @@ def slice_montage(hu: np.ndarray, window: tuple[float, float], columns: int | No
     return canvas
 
 
-def write_preview(path: Path, hu: np.ndarray, window: tuple[float, float]) -> Path:
-    """Write the slice montage of ``hu`` (X, Y, Z) as a PNG at ``path`` atomically."""
-    atomic_write_bytes(Path(path), encode_png_gray(slice_montage(hu, window)))
+def outline_montage(classes: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(rows, cols) class of each montage pixel on a label outline (0 elsewhere), tiled like
+    :func:`slice_montage`: a pixel of class c whose 4-neighbourhood leaves class c."""
+    from scipy import ndimage
+
+    outline = np.zeros(classes.shape, dtype=np.uint8)
+    for value in OUTLINE_COLOURS:
+        mask = classes == value
+        for z in range(classes.shape[2]):
+            inner = ndimage.binary_erosion(mask[:, :, z], border_value=0)
+            outline[:, :, z][mask[:, :, z] & ~inner] = value
+    return slice_montage(outline.astype(np.float32), (0.0, 255.0), columns)
+
+
+def write_preview(
+    path: Path, hu: np.ndarray, window: tuple[float, float], classes: np.ndarray | None = None
+) -> Path:
+    """Write the slice montage of ``hu`` (X, Y, Z) as a PNG at ``path`` atomically, with the
+    label map ``classes`` (X, Y, Z; 0/1/2) outlined on it when given."""
+    grey = slice_montage(hu, window)
+    if classes is None:
+        atomic_write_bytes(Path(path), encode_png_gray(grey))
+        return Path(path)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    # slice_montage scales 0..255 to 0..255, so outline pixels keep their class value
+    outline = outline_montage(classes)
+    for value, colour in OUTLINE_COLOURS.items():
+        rgb[outline == value] = colour
+    atomic_write_bytes(Path(path), encode_png_gray(rgb))
     return Path(path)

@@ -7,7 +7,10 @@ files do not depend on the batch size, on interruptions, or on how indices are s
 
 Output folder::
 
-    OUT/sample_00000.nii.gz ...      int16 HU volumes (X, Y, Z)
+    OUT/images/sample_00000.nii.gz   int16 HU volumes (X, Y, Z)
+    OUT/labels/sample_00000.nii.gz   uint8 label map in the dataset's values (0/255/128), same
+                                     geometry, when the VQ-GAN's label decoder was trained
+    OUT/checks/sample_00000.json     that label map's anatomy measurements and plausibility checks
     OUT/previews/sample_00000.png    montage of the axial slices (with previews on)
     OUT/manifest.json                settings, checkpoint hashes, one entry per sample
     OUT/config.yaml                  resolved configuration of the sampling run
@@ -23,18 +26,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bladdergen.checkpoint import load_state_dict_strict, load_weights, resolve_weights
+from bladdergen.checkpoint import (
+    load_state_dict_strict,
+    load_weights,
+    require_metadata,
+    resolve_weights,
+)
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.data.volumes import write_nifti
 from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.latents import LatentScaler
+from bladdergen.diffusion.layout import (
+    LAYOUTS,
+    SampleLayout,
+    sample_name,
+    write_nnunet_dataset_json,
+)
 from bladdergen.diffusion.preview import write_preview
 from bladdergen.diffusion.samplers import make_sampler, per_sample_noise
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.train import KIND
 from bladdergen.diffusion.unet import PseudoUNet3D, build_denoiser
 from bladdergen.errors import CheckpointError, ConfigError, InputError
-from bladdergen.fileio import atomic_write_json, sha256_file
+from bladdergen.fileio import atomic_write_json, check_output_folder, sha256_file
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, start_runtime
 from bladdergen.settings import from_mapping, to_mapping, write_yaml
@@ -42,6 +56,18 @@ from bladdergen.settings import from_mapping, to_mapping, write_yaml
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
+# What sample writes into --out besides its layout's files (anything else there is refused).
+COMMON_OUTPUTS = (PREVIEW_DIR, "checks", MANIFEST_NAME, "config.yaml")
+# What sampling reads from a ``train-ldm`` checkpoint's metadata.
+LDM_METADATA = {
+    "config.ldm": dict,
+    "latent_shape": list,
+    "scaler": dict,
+    "window": list,
+    "affine": list,
+    "vqgan_path": str,
+    "vqgan_hash": str,
+}
 
 if TYPE_CHECKING:
     from bladdergen.config import PipelineConfig
@@ -53,14 +79,11 @@ def sample_seed(seed: int, index: int) -> int:
     return (int(state[0]) << 32 | int(state[1])) & (2**63 - 1)
 
 
-def sample_name(index: int) -> str:
-    return f"sample_{index:05d}"
-
-
 def load_ldm(path: Path, device: torch.device) -> tuple[PseudoUNet3D, dict[str, Any], Path]:
     """An LDM run folder or checkpoint -> (EMA denoiser in eval mode, metadata, weights file)."""
     weights_path = resolve_weights(Path(path))
     tensors, metadata = load_weights(weights_path, expected_kind=KIND, device="cpu")
+    require_metadata(metadata, weights_path, LDM_METADATA)
     try:
         ldm_config = from_mapping(LDMConfig, metadata["config"]["ldm"], f"{weights_path}: ldm")
     except (KeyError, TypeError, ConfigError) as error:
@@ -74,36 +97,57 @@ def load_ldm(path: Path, device: torch.device) -> tuple[PseudoUNet3D, dict[str, 
     return model.to(device).eval(), metadata, weights_path
 
 
-def _nifti_path(out_dir: Path, index: int) -> Path:
-    return out_dir / f"{sample_name(index)}.nii.gz"
-
-
-def _complete_samples(out_dir: Path, n: int, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Manifest entries of the samples among ``0..n-1`` whose volume file exists."""
-    samples = []
-    for i in range(n):
-        if not _nifti_path(out_dir, i).is_file():
+def _sample_entries(
+    out_dir: Path, layout: SampleLayout, candidates: int, settings: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, rejected) manifest entries among candidates ``0..candidates-1``: a kept sample has
+    its image file; a rejected one only its checks (``--keep plausible``)."""
+    kept, rejected = [], []
+    for i in range(candidates):
+        image, checks = layout.image(out_dir, i), layout.checks(out_dir, i)
+        anatomy = json.loads(checks.read_text(encoding="utf-8")) if checks.is_file() else None
+        entry: dict[str, Any] = {"index": i, "seed": sample_seed(settings["seed"], i)}
+        if not image.is_file():
+            if anatomy is not None and not anatomy["checks"]["plausible"]:
+                rejected.append({**entry, "anatomy": anatomy})
             continue
-        entry: dict[str, Any] = {
-            "index": i,
-            "file": _nifti_path(out_dir, i).name,
-            "seed": sample_seed(settings["seed"], i),
+        entry |= {
+            "file": str(image.relative_to(out_dir)),
             "sampler": settings["sampler"],
             "steps": settings["steps"],
             "checkpoint_sha256": settings["checkpoint_sha256"],
         }
+        label = layout.label(out_dir, i)
+        if label.is_file():
+            entry["label"] = str(label.relative_to(out_dir))
+        if anatomy is not None:
+            entry["anatomy"] = anatomy
+            entry["plausible"] = bool(anatomy["checks"]["plausible"])
         preview = out_dir / PREVIEW_DIR / f"{sample_name(i)}.png"
         if preview.is_file():
             entry["preview"] = f"{PREVIEW_DIR}/{preview.name}"
-        samples.append(entry)
-    return samples
+        kept.append(entry)
+    return kept, rejected
 
 
-def _check_inputs(n: int, out_dir: Path) -> None:
+def _label_checks(
+    classes: np.ndarray, affine: np.ndarray, ranges: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Anatomy measurements of a generated label map (X, Y, Z) and their plausibility checks."""
+    from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
+
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    measurement = measure_anatomy(classes, spacing)
+    return {"measurement": measurement, "checks": plausibility(measurement, ranges)}
+
+
+def _check_inputs(n: int, seed: int, out_dir: Path, layout: SampleLayout) -> None:
+    """Everything about the request that can be refused before a file is written."""
     if n < 1:
         raise InputError(f"-n: got {n}, expected at least 1 sample")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: --out is a file, expected a folder")
+    if seed < 0:
+        raise InputError(f"--seed: got {seed}, expected a whole number >= 0")
+    check_output_folder(out_dir, COMMON_OUTPUTS + layout.owned(), "sample")
 
 
 def _settings(config: PipelineConfig, seed: int, checkpoint_hash: str, vqgan_hash: str) -> dict:
@@ -114,6 +158,8 @@ def _settings(config: PipelineConfig, seed: int, checkpoint_hash: str, vqgan_has
         "steps": cfg.steps,
         "eta": cfg.eta if cfg.sampler == "ddim" else None,
         "clip_x0": cfg.clip_x0,
+        "layout": cfg.layout,
+        "keep": cfg.keep,
         "checkpoint_sha256": checkpoint_hash,
         "vqgan_sha256": vqgan_hash,
     }
@@ -125,11 +171,19 @@ def _check_existing_manifest(path: Path, settings: dict[str, Any]) -> None:
         return
     try:
         existing = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(
             f"{path}: unreadable manifest; remove it or choose another --out"
         ) from None
-    old = existing.get("settings", {})
+    if not isinstance(existing, dict) or existing.get("format") != MANIFEST_FORMAT:
+        found = existing.get("format") if isinstance(existing, dict) else type(existing).__name__
+        raise InputError(
+            f"{path}: manifest of format {found!r}, expected {MANIFEST_FORMAT!r}; "
+            "choose another --out"
+        )
+    old = existing.get("settings")
+    if not isinstance(old, dict):
+        raise InputError(f"{path}: manifest has no settings object; choose another --out")
     for key, value in settings.items():
         if old.get(key) != value:
             raise InputError(
@@ -157,7 +211,8 @@ def sample_volumes(
 
     cfg = config.sample
     out_dir = Path(out_dir)
-    _check_inputs(n, out_dir)
+    layout = LAYOUTS[cfg.layout]
+    _check_inputs(n, config.seed, out_dir, layout)
     runtime = runtime or start_runtime(cfg.device)
     device = runtime.device
 
@@ -182,12 +237,26 @@ def sample_volumes(
     schedule = NoiseSchedule.create(ldm_config.schedule, ldm_config.timesteps)
     sampler = make_sampler(cfg.sampler, schedule, cfg.steps, cfg.clip_x0, cfg.eta)
 
+    # a VQ-GAN whose label decoder learned from labeled cases decodes each sample's labels too
+    paired = bool(vq_meta.get("labels_trained")) and vqgan.label_decoder is not None
+    label_map = {int(k): int(v) for k, v in metadata.get("label_map", {}).items()} or None
+    ranges = metadata.get("anatomy_ranges", {})
+    if not paired and (cfg.layout == "nnunet" or cfg.keep == "plausible"):
+        what = "--layout nnunet" if cfg.layout == "nnunet" else "--keep plausible"
+        raise InputError(
+            f"{vq_meta['path']}: {what} needs label maps, but this VQ-GAN's label decoder was not "
+            "trained (labels_trained is false: train-vqgan on a set with labeled cases)"
+        )
+    if cfg.keep == "plausible" and runtime.distributed:
+        raise InputError("--keep plausible: runs in one process (it accepts samples in order)")
+    # --keep plausible tries at most max_attempts * n candidates
+    candidates = n * cfg.max_attempts if cfg.keep == "plausible" else n
     checkpoint_hash = sha256_file(weights_path)
     settings = _settings(config, config.seed, checkpoint_hash, metadata["vqgan_hash"])
     manifest_path = out_dir / MANIFEST_NAME
     _check_existing_manifest(manifest_path, settings)
 
-    def write_manifest(samples: list[dict[str, Any]]) -> None:
+    def write_manifest(samples: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> None:
         atomic_write_json(
             manifest_path,
             {
@@ -197,30 +266,35 @@ def sample_volumes(
                 "vqgan": str(Path(vq_meta["path"]).resolve()),
                 "window": list(window),
                 "samples": samples,
+                "rejected": rejected,
             },
         )
+        if layout.nnunet:
+            write_nnunet_dataset_json(out_dir, len(samples))
 
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(to_mapping(config), out_dir / "config.yaml")
         # written first too, so an interrupted folder still records its settings
-        write_manifest(_complete_samples(out_dir, n, settings))
+        write_manifest(*_sample_entries(out_dir, layout, candidates, settings))
     barrier()
 
-    def nifti_path(i: int) -> Path:
-        return _nifti_path(out_dir, i)
-
-    todo = [i for i in range(n) if not nifti_path(i).is_file()]
+    kept_before, rejected_before = _sample_entries(out_dir, layout, candidates, settings)
+    decided = {e["index"] for e in kept_before + rejected_before}
+    todo = [i for i in range(candidates) if i not in decided]
     mine = todo[runtime.rank :: runtime.world_size]
+    wanted = n - len(kept_before)  # kept samples still to make
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(device):
             return model(x, t)
 
-    started = time.perf_counter()
+    started, generated = time.perf_counter(), 0
     progress = reporter if runtime.is_main else SILENT
-    with torch.no_grad(), progress.task("sampling volumes", total=len(mine)) as task:
+    with torch.no_grad(), progress.task("sampling volumes", total=max(wanted, 0)) as task:
         for first in range(0, len(mine), cfg.batch_size):
+            if wanted <= 0:
+                break
             indices = mine[first : first + cfg.batch_size]
             generators = [
                 torch.Generator().manual_seed(sample_seed(config.seed, i)) for i in indices
@@ -228,33 +302,59 @@ def sample_volumes(
             x_T = per_sample_noise(latent_shape, generators, device)
             z = scaler.from_unit(sampler.sample(denoise, x_T, generators))
             z_q, _ = vqgan.quantize(z)  # exact code vectors: batch-size noise is snapped away
+            generated += len(indices)
+            # decided in index order, so which samples are kept does not depend on the batch
             for row, index in enumerate(indices):
+                if wanted <= 0:
+                    break  # enough kept: later candidates of this batch are not written
                 # decoded one at a time: batched convolutions may round differently, and a
-                # sample's file must not depend on its batch
-                volume = vqgan.decode(z_q[row : row + 1]).float()[0, 0].cpu().numpy()
-                hu = unit_to_hu(volume, window)  # (X, Y, Z)
+                # sample's files must not depend on its batch
+                latent = z_q[row : row + 1]
+                hu = unit_to_hu(vqgan.decode(latent).float()[0, 0].cpu().numpy(), window)
+                classes = None
+                if paired:
+                    logits = vqgan.decode_labels(latent).float()
+                    classes = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+                    anatomy = _label_checks(classes, affine, ranges)
+                    atomic_write_json(layout.checks(out_dir, index), anatomy)
+                    if cfg.keep == "plausible" and not anatomy["checks"]["plausible"]:
+                        continue  # rejected: its checks are recorded, its files not written
+                    values = layout.label_values(classes, label_map)
+                    write_nifti(layout.label(out_dir, index), values, affine, np.uint8)
                 if cfg.previews:
-                    write_preview(out_dir / PREVIEW_DIR / f"{sample_name(index)}.png", hu, window)
-                # the volume is written last: its presence marks a complete sample
-                write_nifti(nifti_path(index), hu, affine, np.int16)
-            task.advance(len(indices))
+                    preview = out_dir / PREVIEW_DIR / f"{sample_name(index)}.png"
+                    write_preview(preview, hu, window, classes)
+                # the image is written last: its presence marks a complete sample
+                write_nifti(layout.image(out_dir, index), hu, affine, np.int16)
+                wanted -= 1
+                task.advance(1)
     seconds = time.perf_counter() - started
-    generated = int(all_reduce_sum_(torch.tensor([len(mine)]))[0])  # over all ranks
+    generated = int(all_reduce_sum_(torch.tensor([generated]))[0])  # over all ranks
     barrier()
 
-    samples = _complete_samples(out_dir, n, settings)
+    samples, rejected = _sample_entries(out_dir, layout, candidates, settings)
     if runtime.is_main:
-        write_manifest(samples)
+        write_manifest(samples, rejected)
+    if len(samples) < n:
+        run_reporter = reporter if runtime.is_main else SILENT
+        run_reporter.notice(
+            f"{out_dir}: {len(samples)} of {n} samples kept after {candidates} candidates "
+            f"({len(rejected)} implausible); raise sample.max_attempts for more"
+        )
     return {
         "out_dir": str(out_dir),
         "requested": n,
         "generated": generated,
-        "skipped": n - len(todo),
+        "skipped": len(kept_before),
         "complete": len(samples),
+        "rejected": len(rejected),
+        "layout": cfg.layout,
         "sampler": cfg.sampler,
         "steps": len(sampler.timesteps),
         "seconds": round(seconds, 2),
         # wall time per volume of this process's share
-        "seconds_per_volume": round(seconds / len(mine), 3) if mine else None,
+        "seconds_per_volume": round(seconds / generated, 3) if generated else None,
+        "labels": paired,
+        "plausible": sum(bool(s.get("plausible")) for s in samples) if paired else None,
         "manifest": str(manifest_path),
     }

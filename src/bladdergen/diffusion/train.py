@@ -25,7 +25,7 @@ from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.latents import LatentScaler, cached_latents
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.unet import build_denoiser
-from bladdergen.engine.run import RunFolder, no_sync
+from bladdergen.engine.run import RunFolder, RunKind, no_sync
 from bladdergen.errors import InputError
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import (
@@ -39,8 +39,10 @@ from bladdergen.settings import to_mapping
 KIND = "ldm"
 FORMAT_VERSION = 1
 LATENTS_DIR = "latents"
+ANATOMY_MARGIN = 0.2  # as evaluate.plausible_range_margin
 # Settings that may change between a run and its resume (they do not change what is learned).
 RESUMABLE_CHANGES = {"max_steps", "device", "log_every", "checkpoint_every", "latent_cache_dir"}
+RUN_KIND = RunKind(KIND, RESUMABLE_CHANGES, entries={LATENTS_DIR})
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -68,6 +70,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
                 e.lerp_(p, 1.0 - decay)
             else:
                 e.copy_(p)
+
+
+def training_anatomy_ranges(dataset: PreprocessedSet) -> dict[str, list[float]]:
+    """Wall-thickness (mm) and bladder-volume (ml) ranges of the set's label maps, widened by
+    ``ANATOMY_MARGIN``: the real range a generated label map is checked against."""
+    from bladdergen.evaluate.anatomy import measure_anatomy, real_ranges
+
+    measured = [
+        measure_anatomy(dataset.load_label(case), dataset.spacing(case))
+        for case in dataset.labeled_cases
+    ]
+    return real_ranges(measured, ANATOMY_MARGIN)
 
 
 def _loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -108,17 +122,9 @@ def train_ldm(
             f"{data_dir}: HU window {list(dataset.window)} differs from the VQ-GAN's "
             f"{vq_meta.get('window')} ({vq_meta['path']}); train both on the same preprocessed set"
         )
+    facts = {"the frozen VQ-GAN (weights sha256)": vqgan_hash}
     run = RunFolder.open(
-        run_dir,
-        kind=KIND,
-        settings=cfg,
-        seed=seed,
-        resume=resume,
-        resumable=RESUMABLE_CHANGES,
-        runtime=runtime,
-        reporter=reporter,
-        stage_entries={LATENTS_DIR},
-        facts={"the frozen VQ-GAN (weights sha256)": vqgan_hash},
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
     )
 
     scaler = LatentScaler(*vqgan.codebook_range())
@@ -157,6 +163,9 @@ def train_ldm(
         "volume_shape": list(vq_meta.get("volume_shape", [])),
         "affine": reference_affine(dataset).tolist(),
         "training_cases": len(dataset.cases),
+        "label_map": {str(k): int(v) for k, v in dataset.label_map.items()},
+        # what a plausible generated label map measures like (the training labels' range)
+        "anatomy_ranges": training_anatomy_ranges(dataset),
     }
 
     def write_weights() -> None:

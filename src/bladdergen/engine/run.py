@@ -14,7 +14,8 @@ plus the stage's own entries (``images/`` previews, ``latents/`` cache, ``prepar
 
 A trainer keeps one readable loop over this object::
 
-    run = RunFolder.open(run_dir, kind="vqgan", settings=cfg, seed=seed, resume=resume, ...)
+    RUN_KIND = RunKind("vqgan", resumable={"max_steps", ...}, entries={"images"})
+    run = RunFolder.open(run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume)
     ...build models and optimisers...
     run.restore(model=model, optimizer=optimizer)          # no-op for a new run
     for step in run.steps(cfg.max_steps, log_every=cfg.log_every):
@@ -76,6 +77,22 @@ RUN_ENTRIES = frozenset(
 COMMANDS = {"vqgan": "train-vqgan", "ldm": "train-ldm", "deepatlas": "train-deepatlas"}
 
 
+@dataclasses.dataclass(frozen=True)
+class RunKind:
+    """What a stage's run folder is: ``name`` (``vqgan``, ``ldm``, ``deepatlas``; also the config
+    section), the ``resumable`` settings (may change on ``--resume``: they do not change what is
+    learned) and the stage's own ``entries`` in RUN_DIR besides the common ones."""
+
+    name: str
+    resumable: frozenset[str]
+    entries: frozenset[str] = frozenset()
+
+    def __init__(self, name: str, resumable: Iterable[str], entries: Iterable[str] = ()) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "resumable", frozenset(resumable))
+        object.__setattr__(self, "entries", frozenset(entries))
+
+
 class TrainingDiverged(InputError):
     """A loss became NaN or infinite; the run stopped and its last good checkpoint is kept."""
 
@@ -124,35 +141,34 @@ class RunFolder:
     def open(
         cls,
         path: Path,
-        *,
-        kind: str,
+        stage: RunKind,
         settings: Any,
+        runtime: Runtime,
+        *,
         seed: int,
         resume: bool,
-        resumable: Iterable[str],
-        runtime: Runtime,
         reporter: Reporter = SILENT,
-        stage_entries: Iterable[str] = (),
         facts: dict[str, Any] | None = None,
     ) -> RunFolder:
-        """Open ``path`` for a new run, or for ``resume``.
+        """Open ``path`` for a new run of ``stage``, or for ``resume``.
 
-        ``settings``: the stage's config dataclass (section ``kind`` of config.yaml); on resume
-        every key outside ``resumable`` and the seed must equal the recorded run's. ``facts``:
-        other things a resume must match (e.g. the frozen VQ-GAN's hash, the training images),
-        JSON-able. ``stage_entries``: names of the stage's own files and folders in RUN_DIR.
+        ``settings``: the stage's config dataclass (section ``stage.name`` of config.yaml); on
+        resume every key outside ``stage.resumable`` and the seed must equal the recorded run's.
+        ``facts``: other things a resume must match (e.g. the frozen VQ-GAN's hash, the training
+        images), JSON-able, named for a person ("the frozen VQ-GAN (weights sha256)").
 
         Raises InputError for a run folder that is a file, holds another stage's run, an earlier
         run of this stage (without ``resume``) or unrelated files; CheckpointError when there is
         nothing to resume or a setting or fact differs from the recorded run's.
         """
+        kind = stage.name
         path = Path(path)
         facts = json.loads(json.dumps(facts or {}))  # plain JSON values, comparable after a load
         if path.exists() and not path.is_dir():
             raise InputError(f"{path}: RUN_DIR is a file, expected a folder for the run")
         mapping = {"seed": seed, kind: to_mapping(settings)}
         if resume:
-            state = _load_resumable(path, kind, mapping, set(resumable), facts)
+            state = _load_resumable(path, kind, mapping, set(stage.resumable), facts)
             run = cls(path, kind, runtime, facts, reporter if runtime.is_main else SILENT)
             run.step, run.state = int(state["step"]), state
             if runtime.is_main:
@@ -160,7 +176,7 @@ class RunFolder:
                 write_yaml(mapping, path / CONFIG_NAME)  # only resumable keys can have changed
                 run.reporter.notice(f"resuming {path} from step {run.step}")
             return run
-        _check_new_run_folder(path, kind, RUN_ENTRIES | set(stage_entries))
+        _check_new_run_folder(path, kind, RUN_ENTRIES | stage.entries)
         run = cls(path, kind, runtime, facts, reporter if runtime.is_main else SILENT)
         if runtime.is_main:
             path.mkdir(parents=True, exist_ok=True)
@@ -264,12 +280,24 @@ class RunFolder:
         self.log(step, {"phase": "validation", **record})
 
     def _window_means(self) -> dict[str, float]:
+        """Each term's mean over the window's steps and over all ranks. A term may be missing on
+        some ranks (e.g. a loss only defined on labeled batches), so the ranks first agree on the
+        names, then sum values and counts."""
         keys = sorted(self._window)
-        sums = torch.tensor([sum(self._window[k]) / len(self._window[k]) for k in keys])
+        if self.runtime.distributed:
+            gathered: list[Any] = [None] * self.runtime.world_size
+            dist.all_gather_object(gathered, keys)
+            keys = sorted({k for rank_keys in gathered for k in rank_keys})
+        sums = torch.tensor(
+            [float(sum(self._window.get(k, []))) for k in keys], dtype=torch.float64
+        )
+        counts = torch.tensor(
+            [float(len(self._window.get(k, []))) for k in keys], dtype=torch.float64
+        )
         if self.runtime.distributed and keys:
             all_reduce_sum_(sums)
-            sums /= self.runtime.world_size
-        return {k: float(v) for k, v in zip(keys, sums, strict=True)}
+            all_reduce_sum_(counts)
+        return {k: float(s / c) for k, s, c in zip(keys, sums, counts, strict=True) if c > 0}
 
     def _resumed_step(self) -> int:
         return int(self.state["step"]) if self.state is not None else 0

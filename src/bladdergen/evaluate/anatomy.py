@@ -115,6 +115,7 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
     voxel is 26-adjacent to a wall voxel; ``tumor_inside_fraction``: share of tumor voxels within
     the wall's filled axial outline (both None when there is no tumor).
     """
+    classes = _around_foreground(np.asarray(classes))
     wall = classes == 1
     tumor = classes == 2
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -156,6 +157,19 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
     ridge_values = np.concatenate(ridges)
     result["wall_thickness_mm"] = float(2.0 * ridge_values.mean() - np.mean(in_plane))
     return result
+
+
+def _around_foreground(classes: np.ndarray, margin: int = 2) -> np.ndarray:
+    """The in-plane bounding box of the labelled voxels plus ``margin`` background voxels, all
+    slices: every measurement above is the same on it (hole filling, distance transforms and
+    26-connectivity only look across background, which the margin keeps), and at 512x512 it is
+    ~50x less work, since the bladder is a small part of a pelvic slice."""
+    in_plane = np.argwhere((classes > 0).any(axis=2))
+    if len(in_plane) == 0:
+        return classes
+    low = np.maximum(in_plane.min(axis=0) - margin, 0)
+    high = in_plane.max(axis=0) + margin + 1
+    return classes[low[0] : high[0], low[1] : high[1], :]
 
 
 def real_ranges(measurements: list[dict[str, Any]], margin: float) -> dict[str, list[float]]:

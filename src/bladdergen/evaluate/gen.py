@@ -5,6 +5,10 @@
   segmentation network's features with ``--seg-model``);
 - slice consistency: SSIM and NCC between adjacent axial slices, synthetic vs real;
 - anatomy (with ``--seg-model``): the fraction of volumes whose predicted bladder is plausible;
+- paired labels (``sample`` with a trained label decoder writes ``labels/`` and ``checks/``): the
+  fraction of generated label maps that pass the anatomy checks, and with ``--seg-model`` how well
+  the generated label matches its image: Dice of the model's segmentation of the generated image
+  against the generated label (wall; tumor over the samples whose label has one);
 - diversity and memorisation: MS-SSIM among synthetic and among real volumes, and each synthetic
   volume's nearest real volume, flagged as a near-copy above ``near_copy_msssim``.
 
@@ -45,7 +49,7 @@ from bladdergen.evaluate.appearance import (
     texture_features,
 )
 from bladdergen.evaluate.config import EvaluateConfig
-from bladdergen.evaluate.inputs import HUVolume, open_hu_folder
+from bladdergen.evaluate.inputs import HUVolume, check_evaluate_out, open_hu_folder
 from bladdergen.evaluate.similarity import (
     adjacent_slice_similarity,
     ms_ssim,
@@ -73,6 +77,7 @@ class VolumeAnalysis:
     slices: dict[str, float]
     model_features: np.ndarray | None = None
     anatomy: dict[str, Any] | None = None
+    paired: dict[str, Any] | None = None  # a synthetic volume's own label map and its scores
     views: list | None = None
     nearest: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -128,15 +133,74 @@ def analyse_volume(
         ),
         slices=adjacent_slice_similarity(unit01),
     )
+    predicted = None
     if segmenter is not None:
         image = hu_to_unit(native, segmenter.window)
         analysis.model_features = segmenter.features(image)
-        analysis.anatomy = measure_anatomy(segmenter.classes(image), native_spacing)
+        predicted = segmenter.classes(image)
+        analysis.anatomy = measure_anatomy(predicted, native_spacing)
+    if group == "synthetic":
+        analysis.paired = paired_label_scores(volume.path, native_shape, predicted)
     if keep_views:
         analysis.views = figures.orthogonal_views(
             native, native_spacing, config.hu_range, MONTAGE_TILE
         )
     return analysis
+
+
+def paired_label_scores(
+    image_path: Path, native_shape: tuple[int, int, int], predicted: np.ndarray | None
+) -> dict[str, Any] | None:
+    """The generated label map beside a sample (``labels/<name>``, ``checks/<name>.json``):
+    whether ``sample`` found it plausible, and the Dice of the segmenter's ``predicted`` classes
+    against it (None without a segmenter; tumor None when neither has a tumor). None when the
+    sample has no label map."""
+    from bladdergen.data.preprocess import PreprocessConfig
+    from bladdergen.diffusion.layout import sample_label_and_checks
+    from bladdergen.evaluate.inputs import detect_convention, load_nifti, read_array
+
+    label_path, checks_path = sample_label_and_checks(image_path)
+    if not label_path.is_file():
+        return None
+    values = read_array(load_nifti(label_path), label_path).astype(np.int64)
+    if detect_convention({int(v) for v in np.unique(values)}, label_path) == "dataset":
+        lookup = np.zeros(256, np.int64)
+        for value, cls in PreprocessConfig().label_map.items():
+            lookup[value] = cls
+        values = lookup[values]
+    if values.shape != tuple(native_shape):
+        factors = [t / n for t, n in zip(native_shape, values.shape, strict=True)]
+        values = ndimage.zoom(values, factors, order=0, mode="nearest", grid_mode=True)
+    plausible = None
+    if checks_path.is_file():
+        import json
+
+        plausible = bool(json.loads(checks_path.read_text(encoding="utf-8"))["checks"]["plausible"])
+    scores: dict[str, Any] = {"plausible": plausible, "dice_wall": None, "dice_tumor": None}
+    if predicted is not None and predicted.shape == values.shape:
+        for cls, key in ((1, "dice_wall"), (2, "dice_tumor")):
+            total = int((predicted == cls).sum() + (values == cls).sum())
+            if total:
+                scores[key] = 2.0 * float(((predicted == cls) & (values == cls)).sum()) / total
+    return scores
+
+
+def paired_summary(analyses: list[VolumeAnalysis]) -> dict[str, Any] | None:
+    """Over the synthetic volumes that came with a label map; None when none did."""
+    paired = [a.paired for a in analyses if a.paired is not None]
+    if not paired:
+        return None
+
+    def mean(key: str) -> float | None:
+        values = [p[key] for p in paired if p[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    return {
+        "pairs": len(paired),
+        "plausible_fraction": mean("plausible"),
+        "segmenter_dice_wall": mean("dice_wall"),
+        "segmenter_dice_tumor": mean("dice_tumor"),
+    }
 
 
 def evaluate_generation(
@@ -155,6 +219,7 @@ def evaluate_generation(
     PNG figures to ``out_dir``; returns the headline numbers. Raises InputError for unreadable or
     empty folders.
     """
+    check_evaluate_out(out_dir)
     loaders = {}
     kinds = {}
     loaders["synthetic"], kinds["synthetic"] = open_hu_folder(synthetic_dir)
@@ -217,6 +282,7 @@ def evaluate_generation(
     summary["appearance"] = appearance_summary(analyses, config)
     summary["slice_consistency"] = slice_summary(analyses)
     summary["anatomy"] = anatomy_summary(analyses, config) if segmenter is not None else None
+    summary["paired_labels"] = paired_summary(analyses["synthetic"])
     with reporter.task("MS-SSIM diversity and nearest real", total=len(analyses["synthetic"])) as t:
         summary["diversity"] = diversity_summary(analyses, config, seed, t)
 
@@ -236,6 +302,7 @@ def evaluate_generation(
         "texture_mmd2": summary["appearance"]["texture_distance"]["mmd2"],
         "slice_ssim": {g: summary["slice_consistency"]["slice_ssim"][g]["mean"] for g in GROUPS},
         "plausible_fraction": None if anatomy is None else anatomy["synthetic"]["plausible"],
+        "paired_labels": summary["paired_labels"],
         "ms_ssim": {g: summary["diversity"][g]["mean"] for g in GROUPS},
         "near_copies": len(summary["diversity"]["near_copies"]),
         "files": ["gen_volumes.csv", "gen_summary.json", "gen_report.md", *images.values()],
@@ -537,6 +604,15 @@ def render_report(summary: dict[str, Any]) -> str:
                 f"| {check} | {_f(anatomy['synthetic'][check], 2)} | "
                 f"{_f(anatomy['real'][check], 2)} |"
             )
+    paired = summary.get("paired_labels")
+    if paired is not None:
+        lines += [
+            "",
+            f"Generated label maps ({paired['pairs']} samples): plausible (every anatomy check "
+            f"against the training labels' ranges) {_f(paired['plausible_fraction'], 2)}; the "
+            "segmentation model on the generated images against the generated labels: wall Dice "
+            f"{_f(paired['segmenter_dice_wall'])}, tumor Dice {_f(paired['segmenter_dice_tumor'])}.",
+        ]
     diversity = summary["diversity"]
     lines += [
         "",

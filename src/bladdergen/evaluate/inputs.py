@@ -9,21 +9,30 @@ raw scans) or are a preprocessed set, whose [-1, 1] images are mapped back to HU
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from bladdergen.data.dataset import MANIFEST_FORMAT, MANIFEST_NAME, CaseRecord, PreprocessedSet
+from bladdergen.data.dataset import (
+    CLASS_NAMES as ALL_CLASS_NAMES,
+)
+from bladdergen.data.dataset import (
+    DATASET_LABEL_MAP,
+    CaseRecord,
+    PreprocessedSet,
+    is_preprocessed_set,
+)
 from bladdergen.data.intensity import unit_to_hu
+from bladdergen.data.volumes import nifti_array, open_nifti
 from bladdergen.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-CLASS_NAMES = {1: "wall", 2: "tumor"}
+# The foreground classes scored, by index (background is not).
+CLASS_NAMES = {index: name for index, name in enumerate(ALL_CLASS_NAMES) if index}
 # Dataset label value -> class index (SPEC §1: 0 background, 128 tumor, 255 wall).
-DATASET_TO_CLASS = {0: 0, 255: 1, 128: 2}
+DATASET_TO_CLASS = DATASET_LABEL_MAP
 
 
 def case_id_of(path: Path) -> str:
@@ -47,6 +56,8 @@ def list_nifti(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or not path.name.endswith(NIFTI_SUFFIXES):
             continue
+        if path.name.startswith("."):
+            continue  # temporary files of atomic writes, left by a killed run
         case_id = case_id_of(path)
         if case_id in found:
             raise InputError(
@@ -59,21 +70,13 @@ def list_nifti(folder: Path) -> dict[str, Path]:
 
 
 def load_nifti(path: Path) -> nib.Nifti1Image:
-    """Open a NIfTI file; an unreadable file is an InputError naming it."""
-    try:
-        return nib.load(str(path))
-    except (OSError, nib.filebasedimages.ImageFileError) as error:
-        raise InputError(f"{path}: unreadable NIfTI ({error})") from None
+    """Open a NIfTI file (header checked, no voxels read); InputError naming a bad file."""
+    return open_nifti(path)
 
 
 def read_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
     """The voxel array of an opened image (3D, squeezed of trailing singleton axes)."""
-    try:
-        data = np.asanyarray(image.dataobj)
-    except (OSError, EOFError, ValueError) as error:
-        raise InputError(f"{path}: truncated or corrupt NIfTI ({error})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = nifti_array(image, path)
     if data.ndim != 3:
         raise InputError(f"{path}: expected a 3D volume, got shape {tuple(data.shape)}")
     return data
@@ -82,6 +85,17 @@ def read_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
 def spacing_of(image: nib.Nifti1Image) -> tuple[float, float, float]:
     """Voxel size in mm along (X, Y, Z) from the header."""
     return tuple(float(z) for z in image.header.get_zooms()[:3])
+
+
+# What `evaluate seg` and `evaluate gen` write into --out (they may share one folder).
+OWNED_OUTPUTS = ("seg_*", "gen_*", "*.png", "config.yaml")
+
+
+def check_evaluate_out(out_dir: Path) -> None:
+    """Refuse an --out that is a file or holds files evaluate does not write (InputError)."""
+    from bladdergen.fileio import check_output_folder
+
+    check_output_folder(Path(out_dir), OWNED_OUTPUTS, "evaluate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,18 +128,6 @@ def detect_convention(values: set[int], path: Path) -> str:
     )
 
 
-def is_preprocessed_set(folder: Path) -> bool:
-    """Whether ``folder`` holds a ``bladdergen preprocess`` manifest (``sample`` writes a
-    manifest.json of another format next to its HU volumes)."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
-
-
 def label_folder(folder: Path) -> Path:
     """A preprocessed set's ``labels/`` subfolder, else the folder itself."""
     folder = Path(folder)
@@ -155,8 +157,8 @@ def read_label_folder(folder: Path) -> tuple[dict[str, LabelVolume], str]:
         seen.setdefault(convention, path.name)
         if convention == "dataset":
             classes = np.zeros(raw.shape, np.uint8)
-            classes[raw == 255] = 1
-            classes[raw == 128] = 2
+            for value, class_index in DATASET_TO_CLASS.items():
+                classes[raw == value] = class_index
         else:
             classes = raw.astype(np.uint8)
         volumes[case_id] = LabelVolume(
@@ -219,11 +221,18 @@ def open_hu_folder(folder: Path) -> tuple[list[tuple[str, Callable[[], HUVolume]
         def load() -> HUVolume:
             image = load_nifti(path)
             hu = read_array(image, path).astype(np.float32)
+            finite = np.isfinite(hu)
+            if not finite.all():
+                bad = int(finite.size - np.count_nonzero(finite))
+                raise InputError(f"{path}: {bad} voxels are NaN or infinite, expected finite HU")
             return HUVolume(case_id, path, hu, np.asarray(image.affine, float), spacing_of(image))
 
         return load
 
-    return [(c, nifti_loader(c, p)) for c, p in list_nifti(folder).items()], "nifti"
+    from bladdergen.diffusion.layout import sample_images_folder  # a `sample` output: images/
+
+    volumes = list_nifti(sample_images_folder(folder))
+    return [(c, nifti_loader(c, p)) for c, p in volumes.items()], "nifti"
 
 
 def read_hu_folder(folder: Path) -> tuple[list[HUVolume], str]:

@@ -25,7 +25,7 @@ from bladdergen.evaluate.config import EvaluateConfig
 from bladdergen.evaluate.gen import resample
 from bladdergen.evaluate.inputs import open_hu_folder
 from bladdergen.evaluate.stats import clean, describe
-from bladdergen.fileio import atomic_path, atomic_write_json, atomic_write_text
+from bladdergen.fileio import atomic_path, atomic_write_json, atomic_write_text, check_output_folder
 from bladdergen.progress import SILENT, Reporter
 
 AXES = ("realistic_appearance", "slice_consistency", "anatomical_correctness")
@@ -55,6 +55,11 @@ SHEET_COLUMNS = ("blind_id", "reader", *AXES, "guess", "comment")
 KEY_COLUMNS = ("blind_id", "source", "case_id", "original_path")
 SLICE_TILE = 96
 VIEW_TILE = 192
+
+
+# What each sub-command writes into its output folder (anything else there is refused).
+EXPORT_OUTPUTS = ("cases", "sheet.csv", "README.md")
+SCORE_OUTPUTS = ("reader_study_summary.json", "reader_study_report.md")
 
 
 def default_key_path(out_dir: Path) -> Path:
@@ -89,6 +94,7 @@ def export_reader_study(
         raise InputError(
             f"{out_dir}: already holds a reader study (sheet.csv); choose a new folder"
         )
+    check_output_folder(out_dir, EXPORT_OUTPUTS, "reader-study export")
     loaders = {}
     loaders["synthetic"], _ = open_hu_folder(synthetic_dir)
     loaders["real"], _ = open_hu_folder(real_dir)
@@ -320,6 +326,7 @@ def score_reader_study(
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
+        check_output_folder(out_dir, SCORE_OUTPUTS, "reader-study score")
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "reader_study_summary.json", summary)
         atomic_write_text(out_dir / "reader_study_report.md", render_report(summary))

@@ -27,9 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from bladdergen.data.volumes import geometry_difference
 from bladdergen.errors import InputError
 from bladdergen.evaluate.config import EvaluateConfig
-from bladdergen.evaluate.inputs import CLASS_NAMES, CONVENTION_TEXT, LabelVolume, read_label_folder
+from bladdergen.evaluate.inputs import (
+    CLASS_NAMES,
+    CONVENTION_TEXT,
+    LabelVolume,
+    check_evaluate_out,
+    read_label_folder,
+)
 from bladdergen.evaluate.stats import bootstrap_mean_ci, clean, describe, finite
 from bladdergen.fileio import atomic_write_json, atomic_write_text
 from bladdergen.progress import SILENT, Reporter
@@ -104,11 +111,10 @@ def check_geometry(pred: LabelVolume, truth: LabelVolume) -> None:
             f"{truth.path} shape {truth.classes.shape}; predictions must be on the truth's grid"
         )
     if not np.allclose(pred.affine, truth.affine, atol=AFFINE_TOLERANCE_MM):
-        spacing = tuple(round(s, 4) for s in pred.spacing)
-        truth_spacing = tuple(round(s, 4) for s in truth.spacing)
+        what = geometry_difference(pred.affine, truth.affine, AFFINE_TOLERANCE_MM)
         raise InputError(
-            f"{pred.path}: affine (spacing {spacing} mm) differs from the truth {truth.path} "
-            f"(spacing {truth_spacing} mm); predictions must be on the truth's grid"
+            f"{pred.path}: {what or 'affine differs'} like the truth {truth.path}; "
+            "predictions must be on the truth's grid"
         )
 
 
@@ -139,6 +145,7 @@ def evaluate_segmentation(
     """
     if not pred_dirs:
         raise InputError("--pred: give at least one prediction folder")
+    check_evaluate_out(out_dir)
     truths, truth_convention = read_label_folder(truth_dir)
     reporter.notice(f"truth {truth_dir}: {CONVENTION_TEXT[truth_convention]}")
     names = _set_names(pred_dirs)
@@ -250,6 +257,9 @@ def summarise(
     return {"sets": sets, "reference": reference, "comparisons": comparisons}
 
 
+MIN_CI_CASES = 2
+
+
 def paired_difference(
     rows: list[dict[str, Any]],
     reference: str,
@@ -259,7 +269,11 @@ def paired_difference(
     config: EvaluateConfig,
     seed: int,
 ) -> dict[str, Any]:
-    """Mean of (other - reference) over cases where both values exist, with a bootstrap CI."""
+    """Mean of (other - reference) over cases where both values exist, with a bootstrap CI.
+
+    The CI needs at least :data:`MIN_CI_CASES` paired cases; with fewer it is None (reported as
+    n/a): resampling one difference would give a zero-width interval that claims certainty.
+    """
     by_case = {
         (r["set"], r["case_id"]): _value(r, metric)
         for r in rows
@@ -286,10 +300,12 @@ def paired_difference(
         "confidence": config.confidence,
     }
     if differences.size:
+        result["mean_difference"] = float(differences.mean())
+    if differences.size >= MIN_CI_CASES:
         low, high = bootstrap_mean_ci(
             differences, config.bootstrap_samples, config.confidence, seed
         )
-        result.update(mean_difference=float(differences.mean()), ci_low=low, ci_high=high)
+        result.update(ci_low=low, ci_high=high)
     return result
 
 
@@ -389,7 +405,12 @@ def render_report(summary: dict[str, Any]) -> str:
         for c in summary["comparisons"]:
             lines.append(
                 f"| {c['set']} | {c['class']} | {c['metric']} | {c['n']} | "
-                f"{_fmt(c['mean_difference'], 4)} | [{_fmt(c['ci_low'], 4)}, "
-                f"{_fmt(c['ci_high'], 4)}] |"
+                f"{_fmt(c['mean_difference'], 4)} | {_ci_text(c)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ci_text(comparison: dict[str, Any]) -> str:
+    if comparison["ci_low"] is None:
+        return f"n/a (n < {MIN_CI_CASES})"
+    return f"[{_fmt(comparison['ci_low'], 4)}, {_fmt(comparison['ci_high'], 4)}]"

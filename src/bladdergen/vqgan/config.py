@@ -32,7 +32,13 @@ class VQGANConfig:
     Losses: ``l1_weight``·L1 + ``commitment_weight``·MSE(z_e, sg(z_q)) + ``perceptual_weight``·
     perceptual (only with a local ``perceptual_weights``: a torchvision ResNet-50 state dict file for
     MONAI's PerceptualLoss) + after ``disc_start`` steps ``image_gan_weight``·G2d +
-    ``video_gan_weight``·G3d + ``gan_feat_weight``·feature matching.
+    ``video_gan_weight``·G3d + ``gan_feat_weight``·feature matching. On labeled cases also
+    ``region_weight``·L1 inside wall ∪ tumor (the structures segmentation needs, a few percent of
+    the voxels, whose 10-40 HU contrast a plain L1 averages away) and, with ``label_head``,
+    ``label_weight``·(cross-entropy + foreground Dice) of the label decoder.
+
+    Augmentation: ``flip_augmentation`` mirrors left-right (X) only; a flipped Y (anterior-posterior)
+    or Z (head-feet) axis is not an anatomy a scanner produces.
     """
 
     # architecture
@@ -55,6 +61,12 @@ class VQGANConfig:
     image_gan_weight: float = 1.0
     video_gan_weight: float = 1.0
     gan_feat_weight: float = 4.0
+    # labels: a second decoder reads the same latent and predicts the label map, so a sampled
+    # latent decodes to a CT and its labels in one geometry (trained on the labeled cases only)
+    label_head: bool = True
+    label_weight: float = 1.0
+    # extra L1 weight inside the bladder wall and tumor (labeled cases): keeps their low contrast
+    region_weight: float = 4.0
     gan_loss: Literal["hinge", "least_squares"] = "hinge"
     disc_start: int = 5000
     disc_channels: int = 64
@@ -105,8 +117,9 @@ class VQGANConfig:
             raise ConfigError(
                 f"vqgan.codebook_decay: got {self.codebook_decay}, expected in (0, 1)"
             )
-        if self.max_steps < 0:
-            raise ConfigError(f"vqgan.max_steps: got {self.max_steps}, expected >= 0")
+        if self.max_steps < 1:
+            # 0 steps would save an untrained model and exit 0 as if it had trained
+            raise ConfigError(f"vqgan.max_steps: got {self.max_steps}, expected >= 1")
         if self.disc_start < 0:
             raise ConfigError(f"vqgan.disc_start: got {self.disc_start}, expected >= 0")
         for key in ("lr", "disc_lr", "grad_clip"):

@@ -18,6 +18,7 @@ import torch
 from bladdergen.checkpoint import (
     load_state_dict_strict,
     load_weights,
+    require_metadata,
     resolve_weights,
     save_weights,
 )
@@ -28,6 +29,15 @@ from bladdergen.vqgan.model import VQGAN
 
 KIND = "vqgan"
 FORMAT_VERSION = 1
+# What later stages read from a VQ-GAN checkpoint's metadata.
+REQUIRED_METADATA = {
+    "config": dict,
+    "window": list,
+    "volume_shape": list,
+    "latent_shape": list,
+    "codebook_min": (int, float),
+    "codebook_max": (int, float),
+}
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -51,7 +61,9 @@ def save_vqgan(
 ) -> dict[str, Any]:
     """Write ``model``'s weights and facts to ``path`` atomically; returns the metadata.
 
-    ``code_usage``: fraction of the codebook the training volumes map to.
+    ``code_usage``: fraction of the codebook the training volumes map to. ``labels_trained``
+    (in the metadata) says whether the label decoder learned from labeled cases: only then does
+    ``sample`` write label maps.
     """
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     low, high = model.codebook_range()
@@ -67,6 +79,7 @@ def save_vqgan(
         "volume_shape": [int(n) for n in volume_shape],
         "latent_shape": list(model.latent_shape(tuple(volume_shape))),
         "weights_sha256": weights_sha256(tensors),
+        "labels_trained": False,
         **(extra or {}),
     }
     save_weights(Path(path), tensors, metadata)
@@ -85,14 +98,16 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     """
     path = resolve_weights(Path(path_or_run_dir))
     tensors, metadata = load_weights(path, expected_kind=KIND, device="cpu")
-    if not isinstance(metadata.get("config"), dict):
-        raise CheckpointError(f"{path}: VQ-GAN checkpoint metadata has no config")
+    require_metadata(metadata, path, REQUIRED_METADATA)
+    stored = dict(metadata["config"])
+    stored.setdefault("label_head", False)  # checkpoints from before the label decoder
     try:
-        config = from_mapping(VQGANConfig, metadata["config"], where=f"{path}: config")
+        config = from_mapping(VQGANConfig, stored, where=f"{path}: config")
     except ConfigError as error:
         raise CheckpointError(f"{path}: stored VQ-GAN config is invalid ({error})") from None
     recorded = metadata.get("weights_sha256")
-    if recorded is not None and recorded != weights_sha256(tensors):
+    actual = weights_sha256(tensors)
+    if recorded is not None and recorded != actual:
         raise CheckpointError(f"{path}: weights do not match their recorded weights_sha256")
     model = VQGAN(config)
     load_state_dict_strict(model, tensors, path)
@@ -101,4 +116,5 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     model.to(device).eval()
     metadata = dict(metadata)
     metadata["path"] = str(path)
+    metadata["weights_sha256"] = actual  # older files without it get their identity here
     return model, metadata

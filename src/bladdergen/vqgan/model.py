@@ -108,9 +108,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, E, x, y, z) latent -> (B, 1, X, Y, Z) image (no output activation)."""
+    """(B, E, x, y, z) latent -> (B, C, X, Y, Z): the image (C = 1), or label logits (C = 3)."""
 
-    def __init__(self, config: VQGANConfig) -> None:
+    def __init__(self, config: VQGANConfig, out_channels: int = 1) -> None:
         super().__init__()
         strides = stage_strides(config.downsample)
         width = config.n_hiddens * 2 ** len(strides)
@@ -131,7 +131,7 @@ class Decoder(nn.Module):
                 )
             )
             width = out
-        self.conv_last = SamePadConv3d(width, 1, (3, 3, 3))
+        self.conv_last = SamePadConv3d(width, out_channels, (3, 3, 3))
         self.checkpointing = config.activation_checkpointing
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,8 @@ class VQGANOutput:
 
     ``x_hat`` (B, 1, X, Y, Z); ``z_e`` (B, E, x, y, z) pre-quantisation latent; ``z_q`` quantised
     latent (straight-through); ``indices`` (B, x, y, z); ``commitment`` unweighted scalar;
-    ``perplexity`` and ``used_fraction`` of the batch's codes.
+    ``perplexity`` and ``used_fraction`` of the batch's codes; ``label_logits`` (B, 3, X, Y, Z)
+    over background, wall, tumor from the label decoder (None without ``label_head``).
     """
 
     x_hat: torch.Tensor
@@ -170,6 +171,10 @@ class VQGANOutput:
     commitment: torch.Tensor
     perplexity: torch.Tensor
     used_fraction: torch.Tensor
+    label_logits: torch.Tensor | None = None
+
+
+N_CLASSES = 3  # background, wall, tumor
 
 
 class VQGAN(nn.Module):
@@ -180,6 +185,7 @@ class VQGAN(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.label_decoder = Decoder(config, N_CLASSES) if config.label_head else None
         self.codebook = Codebook(
             config.n_codes,
             config.embedding_dim,
@@ -218,6 +224,12 @@ class VQGAN(nn.Module):
         """(B, E, x, y, z) quantised latent -> (B, 1, X, Y, Z) reconstruction."""
         return self.decoder(z_q)
 
+    def decode_labels(self, z_q: torch.Tensor) -> torch.Tensor:
+        """(B, E, x, y, z) quantised latent -> (B, 3, X, Y, Z) label logits; needs ``label_head``."""
+        if self.label_decoder is None:
+            raise ValueError("this VQ-GAN has no label decoder (vqgan.label_head is off)")
+        return self.label_decoder(z_q)
+
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, x, y, z) code indices -> (B, 1, X, Y, Z) reconstruction."""
         return self.decoder(self.codebook.embed(indices))
@@ -226,8 +238,10 @@ class VQGAN(nn.Module):
         """Training pass: encode, quantise (EMA update in train mode), decode."""
         z_e = self.encode(x)
         q = self.codebook(z_e)
+        labels = self.label_decoder(q.z_q) if self.label_decoder is not None else None
         return VQGANOutput(
             x_hat=self.decoder(q.z_q),
+            label_logits=labels,
             z_e=z_e,
             z_q=q.z_q,
             indices=q.indices,

@@ -5,6 +5,12 @@ fraction of the codebook the set uses and its perplexity, next to two baselines 
 comparable amount of information: down- then up-sampling by the VQ-GAN's own factors, (a)
 trilinear both ways and (b) box average down, trilinear up. Usable from Python (``evaluate``)
 and from ``bladdergen reconstruct``.
+
+On labeled cases it also reports what segmentation needs from the reconstruction, in HU: the mean
+absolute error inside the bladder wall, inside the tumor and in the urine (the lumen: the wall's
+filled axial outline minus wall and tumor), and the tumor-to-urine contrast kept (reconstructed
+tumor-minus-urine HU over the true one; 1 is perfect), against the trilinear baseline; and, with a
+trained label decoder, its Dice against the true labels.
 """
 
 from __future__ import annotations
@@ -13,18 +19,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.fileio import atomic_path, atomic_write_json
+from bladdergen.data.intensity import unit_to_hu
+from bladdergen.data.volumes import write_nifti
+from bladdergen.fileio import atomic_write_json, check_inside, check_output_folder, json_safe
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import resolve_device
 from bladdergen.vqgan.load import load_vqgan
 
 DATA_RANGE = 2.0  # intensities live in [-1, 1]
+SUMMARY_NAME = "reconstruct.json"
+OWNED_OUTPUTS = ("images", SUMMARY_NAME)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,13 +77,17 @@ def reconstruct_set(
 ) -> dict[str, Any]:
     """Reconstruct every case of ``data_dir`` with the VQ-GAN at ``vqgan`` (run folder or file).
 
-    With ``out_dir``: writes ``out_dir/images/<case>.nii.gz`` (reconstructions, input geometry)
-    and ``out_dir/reconstruct.json`` (the returned summary). Raises InputError / CheckpointError
-    for a bad data folder, a bad checkpoint, or volumes the model cannot take.
+    With ``out_dir``: writes ``out_dir/images/<case>.nii.gz`` (reconstructions in HU with the set's
+    window, int16, input geometry) and ``out_dir/reconstruct.json`` (the returned summary; an
+    infinite PSNR of an exact copy is null there). ``out_dir`` must be new, empty or an earlier
+    reconstruct output. Raises InputError / CheckpointError for a bad data folder, a bad
+    checkpoint, an unusable output folder, or volumes the model cannot take.
     """
+    if out_dir is not None:
+        check_output_folder(Path(out_dir), OWNED_OUTPUTS, "reconstruct")
+    dataset = PreprocessedSet.open(Path(data_dir))
     torch_device = resolve_device(device)
     model, metadata = load_vqgan(Path(vqgan), device=torch_device)
-    dataset = PreprocessedSet.open(Path(data_dir))
     factors = tuple(model.config.downsample)
     counts = torch.zeros(model.config.n_codes, dtype=torch.long)
     cases = []
@@ -98,13 +111,26 @@ def reconstruct_set(
                 "area_psnr": psnr(area, x),
                 "area_ssim": ssim(area, x),
             }
+            if case.labeled:
+                classes = dataset.load_label(case)
+                truth_hu = unit_to_hu(image, dataset.window)
+                for name, volume in (("", x_hat), ("trilinear_", trilinear)):
+                    recon_hu = unit_to_hu(volume[0, 0].cpu().numpy(), dataset.window)
+                    record |= {
+                        name + k: v
+                        for k, v in structure_errors(recon_hu, truth_hu, classes).items()
+                    }
+                if model.label_decoder is not None and metadata.get("labels_trained"):
+                    with torch.no_grad():
+                        z_q, _ = model.quantize(model.encode(x))
+                        predicted = model.decode_labels(z_q).argmax(dim=1)[0].cpu().numpy()
+                    record["label_dice_wall"] = _dice(predicted == 1, classes == 1)
+                    record["label_dice_tumor"] = _dice(predicted == 2, classes == 2)
             cases.append(record)
             if out_dir is not None:
-                _write_nifti(
-                    Path(out_dir) / "images" / f"{case.case_id}.nii.gz",
-                    x_hat[0, 0].cpu().numpy(),
-                    dataset.affine(case),
-                )
+                target = check_inside(out_dir, Path(out_dir) / "images" / f"{case.case_id}.nii.gz")
+                hu = unit_to_hu(x_hat[0, 0].cpu().numpy(), dataset.window)
+                write_nifti(target, hu, dataset.affine(case), np.int16)
             task.advance(1, psnr=record["psnr"])
     probs = counts.double() / counts.sum()
     nonzero = probs[probs > 0]
@@ -125,17 +151,67 @@ def reconstruct_set(
         "n_codes": model.config.n_codes,
         "perplexity": float(torch.exp(-(nonzero * nonzero.log()).sum())),
         "window_matches_training": list(dataset.window) == list(metadata.get("window", [])),
+        "structures": {
+            key: _mean(cases, key)
+            for key in STRUCTURE_KEYS
+            if any(c.get(key) is not None for c in cases)
+        },
         "cases": cases,
     }
     if out_dir is not None:
-        atomic_write_json(Path(out_dir) / "reconstruct.json", summary)
+        atomic_write_json(Path(out_dir) / SUMMARY_NAME, json_safe(summary))
     return summary
 
 
-def _mean(cases: list[dict[str, Any]], key: str) -> float:
-    return float(np.mean([c[key] for c in cases]))
+STRUCTURE_KEYS = [
+    prefix + key
+    for key in (
+        "wall_hu_error",
+        "tumor_hu_error",
+        "urine_hu_error",
+        "tumor_urine_contrast_kept",
+    )
+    for prefix in ("", "trilinear_")
+] + ["label_dice_wall", "label_dice_tumor"]
 
 
-def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        nib.save(nib.Nifti1Image(array.astype(np.float32), affine), str(tmp))
+def structure_errors(
+    recon_hu: np.ndarray, truth_hu: np.ndarray, classes: np.ndarray
+) -> dict[str, float | None]:
+    """Mean |HU error| inside wall, tumor and urine, and the tumor-to-urine contrast kept, of one
+    (X, Y, Z) reconstruction against the truth; None where a structure is absent."""
+    from scipy import ndimage
+
+    wall, tumor = classes == 1, classes == 2
+    filled = np.zeros_like(wall)
+    for z in range(classes.shape[2]):
+        filled[:, :, z] = ndimage.binary_fill_holes(wall[:, :, z] | tumor[:, :, z])
+    urine = filled & ~wall & ~tumor
+    error = np.abs(recon_hu.astype(np.float64) - truth_hu)
+
+    def mean(values: np.ndarray, mask: np.ndarray) -> float | None:
+        return float(values[mask].mean()) if mask.any() else None
+
+    result = {
+        "wall_hu_error": mean(error, wall),
+        "tumor_hu_error": mean(error, tumor),
+        "urine_hu_error": mean(error, urine),
+        "tumor_urine_contrast_kept": None,
+    }
+    if tumor.any() and urine.any():
+        true_contrast = truth_hu[tumor].mean() - truth_hu[urine].mean()
+        if abs(true_contrast) > 1.0:  # HU: a contrast to keep at all
+            kept = recon_hu[tumor].mean() - recon_hu[urine].mean()
+            result["tumor_urine_contrast_kept"] = float(kept / true_contrast)
+    return result
+
+
+def _dice(predicted: np.ndarray, truth: np.ndarray) -> float | None:
+    """Dice of two boolean masks; None when both are empty (nothing to score)."""
+    total = int(predicted.sum() + truth.sum())
+    return None if total == 0 else 2.0 * float((predicted & truth).sum()) / total
+
+
+def _mean(cases: list[dict[str, Any]], key: str) -> float | None:
+    values = [c[key] for c in cases if c.get(key) is not None]
+    return float(np.mean(values)) if values else None

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bladdergen.checkpoint import WEIGHTS_NAME
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.engine.run import RunFolder, no_sync, unwrap
+from bladdergen.engine.run import RunFolder, RunKind, no_sync, unwrap
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_with
 from bladdergen.progress import SILENT, Reporter
@@ -37,29 +38,37 @@ KIND = "vqgan"
 IMAGES_DIR = "images"
 # Settings that may change between a run and its resume (they do not change what is learned).
 RESUMABLE_CHANGES = {"max_steps", "device", "log_every", "checkpoint_every", "image_every"}
+RUN_KIND = RunKind(KIND, RESUMABLE_CHANGES, entries={IMAGES_DIR})
 
 
-def load_volumes(data_dir: Path) -> tuple[torch.Tensor, PreprocessedSet]:
-    """All images of a preprocessed set as one (N, 1, X, Y, Z) float32 CPU tensor in [-1, 1]."""
+UNLABELED = -1  # label voxels of cases without a label map
+
+
+def load_volumes(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, PreprocessedSet]:
+    """All cases of a preprocessed set: images (N, 1, X, Y, Z) float32 in [-1, 1], labels
+    (N, 1, X, Y, Z) int64 classes 0/1/2 (``UNLABELED`` everywhere for an unlabeled case), CPU."""
     dataset = PreprocessedSet.open(Path(data_dir))
-    arrays = []
+    images, labels = [], []
     for case in dataset.cases:
         image = dataset.load_image(case)
-        if arrays and image.shape != arrays[0].shape:
+        if images and image.shape != images[0].shape:
             raise InputError(
                 f"{case.image_path}: shape {list(image.shape)} differs from the set's "
-                f"{list(arrays[0].shape)}; expected one shape (run `bladdergen preprocess`)"
+                f"{list(images[0].shape)}; expected one shape (run `bladdergen preprocess`)"
             )
-        arrays.append(image)
-    volumes = torch.from_numpy(np.stack(arrays)[:, None]).float()
-    return volumes, dataset
+        images.append(image)
+        label = dataset.load_label(case).astype(np.int64) if case.labeled else None
+        labels.append(label if label is not None else np.full(image.shape, UNLABELED, np.int64))
+    volumes = torch.from_numpy(np.stack(images)[:, None]).float()
+    return volumes, torch.from_numpy(np.stack(labels)[:, None]), dataset
 
 
 def batch_plan(seed: int, step: int, n_cases: int, global_batch: int, depth: int) -> dict:
     """The global batch of ``step``, derived from (seed, step) only, so resume needs no sampler state.
 
     Cases are visited in a fresh random order every epoch. Returns ``indices`` (G,), ``flips``
-    (G, 3) bools for X/Y/Z flips, and ``slices`` (G,) axial slice indices for the 2D losses.
+    (G,) bools for left-right (X) mirroring, and ``slices`` (G,) axial slice indices for the 2D
+    losses.
     """
     positions = [step * global_batch + j for j in range(global_batch)]
     orders: dict[int, torch.Tensor] = {}
@@ -71,20 +80,17 @@ def batch_plan(seed: int, step: int, n_cases: int, global_batch: int, depth: int
             orders[epoch] = torch.randperm(n_cases, generator=generator)
         indices.append(int(orders[epoch][position % n_cases]))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 * (step + 1))
-    flips = torch.rand(global_batch, 3, generator=generator) < 0.5
+    flips = torch.rand(global_batch, generator=generator) < 0.5
     slices = torch.randint(depth, (global_batch,), generator=generator)
     return {"indices": torch.tensor(indices), "flips": flips, "slices": slices}
 
 
 def _augment(volumes: torch.Tensor, flips: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """Random flips along X, Y, Z per volume (B, 1, X, Y, Z)."""
+    """Left-right (X) mirroring per volume (B, C, X, Y, Z) where ``flips`` (B,) is set; images and
+    their labels get the same flips. Y and Z are never flipped: no scanner makes those anatomies."""
     if not enabled:
         return volumes
-    out = []
-    for volume, flip in zip(volumes, flips, strict=True):
-        axes = [axis + 1 for axis in range(3) if bool(flip[axis])]
-        out.append(volume.flip(axes) if axes else volume)
-    return torch.stack(out)
+    return torch.stack([v.flip(1) if bool(f) else v for v, f in zip(volumes, flips, strict=True)])
 
 
 def _save_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -131,18 +137,11 @@ def train_vqgan(
     run that cannot be resumed, TrainingDiverged when a loss becomes non-finite.
     """
     runtime = start_runtime(cfg.device)
-    volumes, dataset = load_volumes(Path(data_dir))
+    volumes, labels, dataset = load_volumes(Path(data_dir))
+    labels_trained = cfg.label_head and bool((labels != UNLABELED).any())
     volume_shape = tuple(volumes.shape[2:])
     run = RunFolder.open(
-        run_dir,
-        kind=KIND,
-        settings=cfg,
-        seed=seed,
-        resume=resume,
-        resumable=RESUMABLE_CHANGES,
-        runtime=runtime,
-        reporter=reporter,
-        stage_entries={IMAGES_DIR},
+        run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter
     )
 
     seed_everything(seed + runtime.rank)
@@ -182,7 +181,11 @@ def train_vqgan(
             window=dataset.window,
             volume_shape=volume_shape,
             code_usage=_code_usage(model, volumes, runtime.device),
-            extra={"data_dir": str(dataset.root), "n_cases": len(dataset.cases)},
+            extra={
+                "data_dir": str(dataset.root),
+                "n_cases": len(dataset.cases),
+                "labels_trained": labels_trained,
+            },
         )
 
     model.train()
@@ -194,7 +197,15 @@ def train_vqgan(
     for step in run.steps(cfg.max_steps, log_every=cfg.log_every, show=show):
         plan = batch_plan(seed, step, len(volumes), global_batch, volume_shape[2])
         metrics = _train_step(
-            step, plan, volumes, cfg, runtime, nets, (opt_ae, opt_d), perceptual, adversarial
+            step,
+            plan,
+            (volumes, labels),
+            cfg,
+            runtime,
+            nets,
+            (opt_ae, opt_d),
+            perceptual,
+            adversarial,
         )
         views = metrics.pop("_views")
         if runtime.is_main and (step + 1) % cfg.image_every == 0:
@@ -216,7 +227,7 @@ def train_vqgan(
 def _train_step(
     step: int,
     plan: dict,
-    volumes: torch.Tensor,
+    data: tuple[torch.Tensor, torch.Tensor],
     cfg: VQGANConfig,
     runtime: Runtime,
     models: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
@@ -239,8 +250,10 @@ def _train_step(
         # This rank's share of the global batch for this micro step.
         first = (micro * runtime.world_size + runtime.rank) * cfg.batch_size
         pick = slice(first, first + cfg.batch_size)
-        x = _augment(volumes[plan["indices"][pick]], plan["flips"][pick], cfg.flip_augmentation)
-        x = x.to(runtime.device)
+        volumes, labels = data
+        both = torch.cat([volumes[plan["indices"][pick]], labels[plan["indices"][pick]].float()], 1)
+        both = _augment(both, plan["flips"][pick], cfg.flip_augmentation).to(runtime.device)
+        x, y = both[:, :1], both[:, 1:].long()  # image (B, 1, ...) and classes (B, 1, ...)
         slices = plan["slices"][pick]
         # DDP all-reduces gradients only on the last micro step of an accumulation.
         skip_sync = runtime.distributed and micro < cfg.grad_accumulation - 1
@@ -248,9 +261,19 @@ def _train_step(
         # ---- autoencoder ----
         with no_sync(model, skip_sync), autocast(runtime.device):
             out = model(x)
-            l1 = (out.x_hat.float() - x).abs().mean()
+            error = (out.x_hat.float() - x).abs()
+            l1 = error.mean()
             loss = cfg.l1_weight * l1 + cfg.commitment_weight * out.commitment
             terms = {"l1": l1, "commitment": out.commitment}
+            structures = (y == 1) | (y == 2)  # wall and tumor of labeled cases
+            if cfg.region_weight > 0 and structures.any():
+                region = error[structures].mean()
+                loss = loss + cfg.region_weight * region
+                terms["l1_wall_tumor"] = region
+            if out.label_logits is not None:
+                label_loss = label_head_loss(out.label_logits.float(), y)
+                loss = loss + cfg.label_weight * label_loss
+                terms["label_loss"] = label_loss
             if perceptual is not None:
                 p = perceptual(pick_slices(out.x_hat.float(), slices), pick_slices(x, slices))
                 loss = loss + cfg.perceptual_weight * p
@@ -312,6 +335,33 @@ def _train_step(
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt_d.step()
     return {**sums, "_views": (x.detach(), out.x_hat.detach())}
+
+
+def label_head_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + foreground soft Dice of label logits (B, 3, X, Y, Z) against classes
+    (B, 1, X, Y, Z), over labeled voxels only (``UNLABELED`` ignored).
+
+    The Dice is over the whole batch and only wall and tumor, so a tumor of 0.1% of the voxels
+    still weighs as much as the wall. Always part of the graph (zero when nothing is labeled), so
+    DDP sees the label decoder used on every rank.
+    """
+    known = classes[:, 0] != UNLABELED  # (B, X, Y, Z)
+    target = classes[:, 0].clamp(min=0)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    loss = (ce * known).sum() / known.sum().clamp(min=1)
+    probs = torch.softmax(logits, dim=1)
+    weight = known[:, None].float()
+    hot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
+    dice_terms = []
+    for c in range(1, logits.shape[1]):
+        truth = hot[:, c : c + 1] * weight
+        if truth.sum() == 0:
+            continue  # a class absent from the batch: Dice would only punish predicting it
+        p = probs[:, c : c + 1] * weight
+        dice_terms.append(1 - 2 * (p * truth).sum() / (p.sum() + truth.sum() + 1e-5))
+    if dice_terms:
+        loss = loss + torch.stack(dice_terms).mean()
+    return loss
 
 
 @torch.no_grad()
