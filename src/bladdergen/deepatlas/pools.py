@@ -14,11 +14,10 @@ import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from bladdergen.data.config import PreprocessConfig
-from bladdergen.data.dataset import PreprocessedSet, is_preprocessed_set
+from bladdergen.data.dataset import PreprocessedSet, is_preprocessed_set, read_nifti_array
 from bladdergen.errors import InputError
 from bladdergen.progress import SILENT, Reporter
 
@@ -49,14 +48,6 @@ class VolumeCache:
         if len(self._arrays) > self.capacity:
             self._arrays.popitem(last=False)
         return array
-
-
-def read_nifti_array(path: Path) -> np.ndarray:
-    """The voxel array of a NIfTI file; InputError naming the file when it cannot be read."""
-    try:
-        return np.asanyarray(nib.load(str(path)).dataobj)
-    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as error:
-        raise InputError(f"{path}: unreadable NIfTI ({error})") from None
 
 
 def split_labeled(

@@ -115,10 +115,10 @@ class _Images:
 
 
 def _check_shapes(items: list[PoolImage], shape: tuple[int, ...], multiple: tuple[int, ...]):
-    import nibabel as nib
+    from bladdergen.data.volumes import open_nifti  # the header only, checked, no voxels read
 
     for item in items:
-        found = tuple(int(n) for n in nib.load(str(item.image_path)).shape)
+        found = tuple(int(n) for n in open_nifti(item.image_path).shape[:3])
         if found != shape:
             raise InputError(
                 f"{item.image_path}: volume shape {found}, expected {shape} like the labeled "
