@@ -187,22 +187,10 @@ def train_deepatlas(
     run = RunFolder.open(
         run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
     )
-    synthetic_pairs: list[PoolImage] = []
     with main_process_first(runtime):
-        for folder, source in pools_wanted:
-            prepared = run.path / PREPARED_DIR
-            paired = cfg.synthetic_pairs and source == "synthetic"
-            pool = pool_from_folder(folder, source, prepared, preprocess, run.reporter, paired)
-            # synthetic CT + label pairs are labeled data; image-only volumes stay unlabeled
-            synthetic_pairs += [p for p in pool if p.label_path is not None]
-            if not supervised_only:
-                unlabeled += [p for p in pool if p.label_path is None]
-    labeled += synthetic_pairs
-    if synthetic_pairs:
-        run.reporter.notice(
-            f"{len(synthetic_pairs)} synthetic CT + label pairs join the labeled cases "
-            f"(sampling weight {cfg.synthetic_pair_weight:g} against a real case)"
-        )
+        synthetic_pairs, images_only = _folder_pools(pools_wanted, run, preprocess, cfg)
+    labeled += synthetic_pairs  # synthetic CT + label pairs are labeled data
+    unlabeled += [] if supervised_only else images_only
     if runtime.is_main:
         atomic_write_json(run.path / "split.json", {**pools, "unlabeled": _ids(unlabeled)})
     shape = tuple(int(n) for n in dataset.load_image(dataset.case(train_ids[0])).shape)
@@ -322,6 +310,27 @@ def train_deepatlas(
         best_dice_mean=None if best_step is None else best_score,
         last_validation=last_val,
     )
+
+
+def _folder_pools(
+    folders: list[tuple[Path, str]], run: RunFolder, preprocess, cfg: DeepAtlasConfig
+) -> tuple[list[PoolImage], list[PoolImage]]:
+    """The ``--unlabeled`` / ``--synthetic`` folders prepared into ``RUN/prepared``: (synthetic
+    CT + label pairs, images without a label)."""
+    pairs, images = [], []
+    for folder, source in folders:
+        paired = cfg.synthetic_pairs and source == "synthetic"
+        pool = pool_from_folder(
+            folder, source, run.path / PREPARED_DIR, preprocess, run.reporter, paired
+        )
+        pairs += [p for p in pool if p.label_path is not None]
+        images += [p for p in pool if p.label_path is None]
+    if pairs:
+        run.reporter.notice(
+            f"{len(pairs)} synthetic CT + label pairs join the labeled cases "
+            f"(sampling weight {cfg.synthetic_pair_weight:g} against a real case)"
+        )
+    return pairs, images
 
 
 def _pool_image(case: CaseRecord, source: str) -> PoolImage:
