@@ -329,7 +329,8 @@ def sample_volumes(
                 wanted -= 1
                 task.advance(1)
     seconds = time.perf_counter() - started
-    generated = int(all_reduce_sum_(torch.tensor([generated]))[0])  # over all ranks
+    # over all ranks; on the run's device, as NCCL all-reduces CUDA tensors only
+    generated = int(all_reduce_sum_(torch.tensor([generated], device=device))[0])
     barrier()
 
     samples, rejected = _sample_entries(out_dir, layout, candidates, settings)

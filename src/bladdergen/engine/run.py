@@ -238,7 +238,8 @@ class RunFolder:
         done = step + 1
         self.step = done
         bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
-        flag = all_reduce_sum_(torch.tensor([float(bool(bad))]))
+        # on the run's device: NCCL all-reduces CUDA tensors only
+        flag = all_reduce_sum_(torch.tensor([float(bool(bad))], device=self.runtime.device))
         if float(flag[0]) > 0:
             shown = ", ".join(f"{k}={terms[k]}" for k in bad) or "on another rank"
             kept = (
@@ -288,12 +289,10 @@ class RunFolder:
             gathered: list[Any] = [None] * self.runtime.world_size
             dist.all_gather_object(gathered, keys)
             keys = sorted({k for rank_keys in gathered for k in rank_keys})
-        sums = torch.tensor(
-            [float(sum(self._window.get(k, []))) for k in keys], dtype=torch.float64
-        )
-        counts = torch.tensor(
-            [float(len(self._window.get(k, []))) for k in keys], dtype=torch.float64
-        )
+        # float64 for the sums; on the run's device, as NCCL all-reduces CUDA tensors only
+        where = {"dtype": torch.float64, "device": self.runtime.device}
+        sums = torch.tensor([float(sum(self._window.get(k, []))) for k in keys], **where)
+        counts = torch.tensor([float(len(self._window.get(k, []))) for k in keys], **where)
         if self.runtime.distributed and keys:
             all_reduce_sum_(sums)
             all_reduce_sum_(counts)
