@@ -51,6 +51,7 @@ from bladdergen.fileio import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
+    json_safe,
     truncate_jsonl_after_step,
 )
 from bladdergen.progress import SILENT, Reporter, Task
@@ -270,7 +271,7 @@ class RunFolder:
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         """Append ``{"step": step, **record, "seconds": ...}`` to metrics.jsonl (rank 0)."""
-        record = {"step": step, **_json_safe(record)}
+        record = {"step": step, **json_safe(record)}
         record["seconds"] = round(time.perf_counter() - self.started, 3)
         self.last_logged = record
         if self.runtime.is_main:
@@ -350,7 +351,7 @@ class RunFolder:
         """The result every trainer returns: run folder, steps, weights, curves, seconds, plus
         the stage's own facts (non-finite floats become None so the result is valid JSON)."""
         best = self.path / ckpt.BEST_WEIGHTS_NAME
-        return _json_safe(
+        return json_safe(
             {
                 "run_dir": str(self.path),
                 "kind": self.kind,
@@ -459,14 +460,3 @@ def _load_resumable(
 def _brief(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats -> None, recursively (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -155,7 +155,7 @@ def paired_label_scores(
     whether ``sample`` found it plausible, and the Dice of the segmenter's ``predicted`` classes
     against it (None without a segmenter; tumor None when neither has a tumor). None when the
     sample has no label map."""
-    from bladdergen.data.preprocess import PreprocessConfig
+    from bladdergen.data.preprocess import PreprocessConfig, label_values_to_classes
     from bladdergen.diffusion.layout import sample_label_and_checks
     from bladdergen.evaluate.inputs import detect_convention, load_nifti, read_array
 
@@ -164,10 +164,7 @@ def paired_label_scores(
         return None
     values = read_array(load_nifti(label_path), label_path).astype(np.int64)
     if detect_convention({int(v) for v in np.unique(values)}, label_path) == "dataset":
-        lookup = np.zeros(256, np.int64)
-        for value, cls in PreprocessConfig().label_map.items():
-            lookup[value] = cls
-        values = lookup[values]
+        values = label_values_to_classes(values, PreprocessConfig().label_map, label_path)
     if values.shape != tuple(native_shape):
         factors = [t / n for t, n in zip(native_shape, values.shape, strict=True)]
         values = ndimage.zoom(values, factors, order=0, mode="nearest", grid_mode=True)
