@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at once (one core each)")
     return parser.parse_args(argv)
 
 
@@ -116,16 +117,25 @@ def subset(pool: Path, out: Path, n_labeled: int, val_cases: int, seed: int) -> 
     pick = np.random.default_rng([seed, n_labeled]).permutation(len(labeled))
     chosen = {labeled[i]["case_id"] for i in pick[: n_labeled + val_cases]}
     cases = []
+    out.mkdir(parents=True, exist_ok=True)
+
+    def link(relative: str) -> str:
+        # manifests name files inside their own folder: a symbolic link to the pool's file
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.is_symlink():
+            target.symlink_to((pool / relative).resolve())
+        return relative
+
     for case in manifest["cases"]:
-        entry = {**case, "image": str(pool / case["image"])}
+        entry = {**case, "image": link(case["image"])}
         if case.get("label") and case["case_id"] in chosen:
-            entry["label"] = str(pool / case["label"])
+            entry["label"] = link(case["label"])
         elif case.get("label"):
             continue  # a labeled case not chosen stays out (not even as unlabeled)
         else:
             entry["label"] = None
         cases.append(entry)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps({**manifest, "cases": cases}, indent=1))
     if (pool / "config.yaml").is_file():
         (out / "config.yaml").write_text((pool / "config.yaml").read_text())
@@ -258,14 +268,40 @@ def render(table: list[dict], args: argparse.Namespace, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def train_and_score(job: dict) -> dict:
+    """One arm of one (labeled count, seed): train it, score its best checkpoint on the test set.
+    Runs in a worker process with ``--jobs`` > 1 (spawned: a forked torch can deadlock)."""
     import torch
 
     from bladdergen.config import load_config
     from bladdergen.deepatlas.train import train_deepatlas
 
     torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    config = load_config(job["profile"], overrides=job["overrides"])
+    summary = train_deepatlas(
+        config.deepatlas,
+        job["data"],
+        job["run_dir"],
+        seed=job["seed"],
+        synthetic_dir=job["synthetic"],
+        supervised_only=job["arm"].startswith("supervised"),
+    )
+    rows = score_run(job["run_dir"], job["test"])
+    report = {
+        "run": job["key"],
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "best_step": summary["best_step"],
+        "gate": summary.get("anatomy_gate_open"),
+        "wall_dice": round(float(np.mean([r["wall_dice"] for r in rows])), 4),
+    }
+    return {"key": job["key"], "rows": rows, "report": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bladdergen.config import load_config
+
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "gain.json"
@@ -273,38 +309,44 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in args.arms if a not in SYNTHETIC_ARMS or args.synthetic is not None]
     base = load_config(args.profile, overrides=overrides(args))
     pool, test = make_data(args, base)
+    jobs = []
     for seed in args.seeds:
         for n in args.labeled:
             data = subset(pool, args.out / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
-            config = load_config(args.profile, overrides={**overrides(args), "seed": seed})
             for arm in arms:
                 key = f"{n}/{seed}/{arm}"
                 if key in results:
-                    continue
-                run_dir = args.out / "runs" / f"n{n}_s{seed}_{arm}"
-                t0 = time.perf_counter()
-                summary = train_deepatlas(
-                    config.deepatlas,
-                    data,
-                    run_dir,
-                    seed=seed,
-                    synthetic_dir=args.synthetic if arm in SYNTHETIC_ARMS else None,
-                    supervised_only=arm.startswith("supervised"),
+                    continue  # measured by an earlier, interrupted invocation
+                jobs.append(
+                    {
+                        "key": key,
+                        "arm": arm,
+                        "seed": seed,
+                        "data": data,
+                        "test": test,
+                        "run_dir": args.out / "runs" / f"n{n}_s{seed}_{arm}",
+                        "profile": args.profile,
+                        "overrides": {**overrides(args), "seed": seed},
+                        "synthetic": args.synthetic if arm in SYNTHETIC_ARMS else None,
+                    }
                 )
-                results[key] = score_run(run_dir, test)
-                print(
-                    json.dumps(
-                        {
-                            "run": key,
-                            "train_seconds": round(time.perf_counter() - t0, 1),
-                            "best_step": summary["best_step"],
-                            "gate": summary.get("anatomy_gate_open"),
-                            "wall_dice": round(np.mean([r["wall_dice"] for r in results[key]]), 4),
-                        }
-                    ),
-                    flush=True,
-                )
-                results_path.write_text(json.dumps({"runs": results}, indent=1))
+
+    def record(done: dict) -> None:
+        results[done["key"]] = done["rows"]
+        print(json.dumps(done["report"]), flush=True)
+        results_path.write_text(json.dumps({"runs": results}, indent=1))
+
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as workers:
+            for future in as_completed([workers.submit(train_and_score, j) for j in jobs]):
+                record(future.result())
+    else:
+        for job in jobs:
+            record(train_and_score(job))
     table = summarise(results, arms, args.labeled, args.seeds, args.bootstrap)
     seconds = time.perf_counter() - started
     results_path.write_text(json.dumps({"runs": results, "table": table}, indent=1))
