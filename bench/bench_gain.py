@@ -65,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once (one core each)")
+    parser.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="train nothing: the table of the runs OUT/gain.json already holds",
+    )
     return parser.parse_args(argv)
 
 
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             data = subset(pool, args.out / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
             for arm in arms:
                 key = f"{n}/{seed}/{arm}"
-                if key in results:
+                if key in results or args.summarise_only:
                     continue  # measured by an earlier, interrupted invocation
                 jobs.append(
                     {

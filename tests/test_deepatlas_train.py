@@ -211,11 +211,39 @@ def test_max_steps_shorter_than_pretraining_stops_and_says_what_would_fit(tiny_d
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def _validation(wall, wall_identity, bladder, bladder_identity):
+    return {
+        "registration_dice": wall,
+        "identity_dice": wall_identity,
+        "registration_dice_bladder": bladder,
+        "identity_dice_bladder": bladder_identity,
+    }
+
+
 def test_anatomy_gate_opens_only_when_registration_beats_the_identity_by_the_margin():
     cfg = tiny_config(**{"deepatlas.anatomy_gate_margin": 0.05}).deepatlas
-    assert not registration_beats_identity({"registration_dice": 0.14, "identity_dice": 0.1}, cfg)
-    assert registration_beats_identity({"registration_dice": 0.16, "identity_dice": 0.1}, cfg)
-    assert not registration_beats_identity({"registration_dice": None, "identity_dice": 0.1}, cfg)
+    assert registration_beats_identity(_validation(0.16, 0.1, 0.46, 0.4), cfg)
+    assert not registration_beats_identity(_validation(0.14, 0.1, 0.46, 0.4), cfg)
+    assert not registration_beats_identity(_validation(0.16, 0.1, None, 0.4), cfg)
+    assert not registration_beats_identity(_validation(None, 0.1, 0.46, 0.4), cfg)
+
+
+def test_anatomy_gate_stays_closed_when_only_the_wall_beats_the_identity():
+    # the measured failure: wall 0.13 vs 0.07 cleared the margin, the bladders did not overlap
+    # better than unmoved (0.21 vs 0.227), and the anatomy term taught F_S misplaced walls
+    cfg = tiny_config(**{"deepatlas.anatomy_gate_margin": 0.02}).deepatlas
+    assert not registration_beats_identity(_validation(0.133, 0.072, 0.21, 0.227), cfg)
+
+
+def test_deepatlas_pretraining_gives_the_baseline_s_segmentation_net(tiny_dataset, tmp_path):
+    """Paired arms: after pre-training F_S is the supervised baseline's after as many updates."""
+    config = tiny_config(**{"deepatlas.max_steps": 4, "deepatlas.checkpoint_every": 4})
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "sup", supervised_only=True)
+    deepatlas = load_file(tmp_path / "da" / "model.safetensors")
+    supervised = load_file(tmp_path / "sup" / "model.safetensors")
+    seg_keys = [k for k in supervised if k.startswith("seg_net.")]
+    assert seg_keys and all(torch.equal(deepatlas[k], supervised[k]) for k in seg_keys)
 
 
 def _sample_folder(root, plausible):
