@@ -18,7 +18,10 @@ predicted tumor voxel overlapping the truth) and false-positive rate (a tumor-fr
 predicted tumor voxel). Paired differences to ``supervised`` are per test case, averaged over the
 seeds, with a seeded percentile bootstrap over test cases.
 
-Writes ``OUT/gain.json`` (every number), ``OUT/gain.md`` (the table) and the run folders.
+Predictions are scored as ``segment`` writes them, only the largest connected bladder component
+kept; ``--all-components`` scores the raw predictions instead (``OUT/gain_all_components.*``).
+Writes ``OUT/gain.json`` (every number), ``OUT/gain.md`` (the table) and the run folders;
+``--summarise-only --rescore`` scores the trained runs again without training.
 
 The full design (1, 2, 4 labeled x 3 seeds x the arms: 18-36 training runs; measured on the
 shared 2-core CPU a shortened run took 6.5 min (supervised) to 16 min (DeepAtlas), so this is
@@ -69,6 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--summarise-only",
         action="store_true",
         help="train nothing: the table of the runs OUT/gain.json already holds",
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the trained runs' best checkpoints again (with --summarise-only: no training)",
+    )
+    parser.add_argument(
+        "--all-components",
+        action="store_true",
+        help="score raw predictions, every island kept (OUT/gain_all_components.*); default: "
+        "the largest connected bladder component, as `segment` writes it",
     )
     return parser.parse_args(argv)
 
@@ -147,12 +161,18 @@ def subset(pool: Path, out: Path, n_labeled: int, val_cases: int, seed: int) -> 
     return out
 
 
-def score_run(run_dir: Path, test: Path) -> list[dict]:
-    """Per test case: wall and tumor scores of the run's best checkpoint (preprocessed grid)."""
+def score_run(run_dir: Path, test: Path, all_components: bool = False) -> list[dict]:
+    """Per test case: wall and tumor scores of the run's best checkpoint (preprocessed grid),
+    post-processed as ``segment`` does (largest connected bladder component) unless
+    ``all_components``."""
     import torch
 
     from bladdergen.data.dataset import PreprocessedSet
-    from bladdergen.deepatlas.segment import load_segmentation_model, predict_classes
+    from bladdergen.deepatlas.segment import (
+        largest_bladder_component,
+        load_segmentation_model,
+        predict_classes,
+    )
     from bladdergen.evaluate.seg import score_structure
 
     net, _ = load_segmentation_model(run_dir, "cpu")
@@ -162,6 +182,8 @@ def score_run(run_dir: Path, test: Path) -> list[dict]:
         image = torch.from_numpy(np.ascontiguousarray(dataset.load_image(case), np.float32))
         with torch.no_grad():
             predicted = predict_classes(net, image[None, None]).numpy()
+        if not all_components:
+            predicted = largest_bladder_component(predicted)
         truth = dataset.load_label(case)
         spacing = dataset.spacing(case)
         wall = score_structure(predicted == 1, truth == 1, spacing)
@@ -268,6 +290,8 @@ def render(table: list[dict], args: argparse.Namespace, seconds: float) -> str:
         "",
         f"Seeds {args.seeds}, {args.test_cases} test phantoms, {args.unlabeled} unlabeled, "
         f"{args.val_cases} validation cases, overrides {args.set or 'none'}; "
+        f"{'every predicted island' if args.all_components else 'largest bladder component'} "
+        "scored; "
         f"{seconds / 60:.1f} min.",
     ]
     return "\n".join(lines) + "\n"
@@ -292,7 +316,7 @@ def train_and_score(job: dict) -> dict:
         synthetic_dir=job["synthetic"],
         supervised_only=job["arm"].startswith("supervised"),
     )
-    rows = score_run(job["run_dir"], job["test"])
+    rows = score_run(job["run_dir"], job["test"], job["all_components"])
     report = {
         "run": job["key"],
         "train_seconds": round(time.perf_counter() - t0, 1),
@@ -309,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "gain.json"
+    name = "gain_all_components" if args.all_components else "gain"
+    results_path = args.out / f"{name}.json"
     results = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
     arms = [a for a in args.arms if a not in SYNTHETIC_ARMS or args.synthetic is not None]
     base = load_config(args.profile, overrides=overrides(args))
@@ -320,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             data = subset(pool, args.out / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
             for arm in arms:
                 key = f"{n}/{seed}/{arm}"
+                run_dir = args.out / "runs" / f"n{n}_s{seed}_{arm}"
+                if args.rescore and (run_dir / "best.safetensors").is_file():
+                    results[key] = score_run(run_dir, test, args.all_components)
+                    continue
                 if key in results or args.summarise_only:
                     continue  # measured by an earlier, interrupted invocation
                 jobs.append(
@@ -329,10 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                         "seed": seed,
                         "data": data,
                         "test": test,
-                        "run_dir": args.out / "runs" / f"n{n}_s{seed}_{arm}",
+                        "run_dir": run_dir,
                         "profile": args.profile,
                         "overrides": {**overrides(args), "seed": seed},
                         "synthetic": args.synthetic if arm in SYNTHETIC_ARMS else None,
+                        "all_components": args.all_components,
                     }
                 )
 
@@ -355,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(results, arms, args.labeled, args.seeds, args.bootstrap)
     seconds = time.perf_counter() - started
     results_path.write_text(json.dumps({"runs": results, "table": table}, indent=1))
-    (args.out / "gain.md").write_text(render(table, args, seconds))
+    (args.out / f"{name}.md").write_text(render(table, args, seconds))
     print(render(table, args, seconds))
     return 0
 

@@ -15,6 +15,7 @@ from bladdergen.checkpoint import save_weights
 from bladdergen.cli import app
 from bladdergen.config import load_config
 from bladdergen.deepatlas.segment import (
+    largest_bladder_component,
     load_segmentation_model,
     predict_classes,
     segment_paths,
@@ -184,3 +185,37 @@ def test_segment_cli_refuses_a_bad_z_unit_in_one_line(model_run, tmp_path):
     assert result.exit_code == 2
     assert "preprocess.z_range_unit: got 'cm'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_largest_bladder_component_keeps_the_biggest_island_with_its_tumor():
+    classes = np.zeros((12, 12, 6), np.uint8)
+    classes[1:6, 1:6, 1:4] = 1  # the bladder wall: 75 voxels
+    classes[6, 6, 4] = 2  # a tumor voxel touching the wall only diagonally (26-connected)
+    classes[9:11, 9:11, 1] = 1  # a 4-voxel island of "wall"
+    classes[0, 11, 5] = 2  # a lone "tumor" voxel
+    kept = largest_bladder_component(classes)
+    expected = classes.copy()
+    expected[9:11, 9:11, 1] = 0
+    expected[0, 11, 5] = 0
+    assert np.array_equal(kept, expected)
+    assert kept.dtype == classes.dtype
+    assert np.array_equal(largest_bladder_component(np.zeros_like(classes)), 0 * classes)
+
+
+def test_segment_keeps_one_bladder_component_unless_all_components(model_run, tmp_path):
+    from scipy import ndimage
+
+    _scan(tmp_path / "ct.nii.gz", seed=3)
+    written = {}
+    for name, extra in (("default", []), ("all", ["--all-components"])):
+        args = ["segment", str(model_run), str(tmp_path / "ct.nii.gz"), str(tmp_path / name)]
+        result = CliRunner().invoke(app, [*args, "--classes", "-q", "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+        written[name] = np.asarray(nib.load(tmp_path / name / "ct.nii.gz").dataobj)
+    islands = {k: ndimage.label(v > 0, np.ones((3, 3, 3)))[1] for k, v in written.items()}
+    assert islands["all"] > 1  # the barely trained net speckles noise: something to remove
+    assert islands["default"] == 1
+    kept = written["default"] > 0
+    assert np.array_equal(written["default"][kept], written["all"][kept])
+    summary = json.loads((tmp_path / "default" / "segment.json").read_text())
+    assert summary["largest_component_only"] is True

@@ -129,6 +129,13 @@ def segment_command(
     z_unit: Annotated[
         str | None, typer.Option("--z-unit", help="Unit of --z-range: mm (default) or slices.")
     ] = None,
+    all_components: Annotated[
+        bool,
+        typer.Option(
+            "--all-components",
+            help="Keep every predicted island (default: only the largest connected bladder).",
+        ),
+    ] = False,
     device: DeviceOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
@@ -136,7 +143,7 @@ def segment_command(
     json_output: JsonOption = False,
 ) -> None:
     """Segment bladder wall and tumor in CT scans; label maps keep each input's geometry and
-    slice count.
+    slice count. Only the largest connected bladder component is kept unless --all-components.
 
     Preprocessing and network come from the checkpoint; --config/--profile only set
     `deepatlas.device` and `deepatlas.sw_overlap` (sliding-window overlap).
@@ -161,6 +168,7 @@ def segment_command(
             overlap=overlap,
             z_range=parse_range("--z-range", z_range),
             z_range_unit=z_unit,
+            all_components=all_components,
             reporter=reporter,
         )
     finally:

