@@ -39,8 +39,9 @@ class DeepAtlasConfig:
     by ``class_weights`` (background, wall, tumor); ``tumor_case_fraction`` of the supervised draws
     pick a labeled case that has a tumor.
 
-    Gate: the segmentation-phase anatomy term is off until a validation finds the registration's
-    warped-label wall Dice above the identity's by ``anatomy_gate_margin`` (then it stays on).
+    Gate: the segmentation-phase anatomy term is on only while the last validation found the
+    registration's warped-label Dice above the identity's by ``anatomy_gate_margin`` for both the
+    wall and the filled bladder.
     ``reg_augment_weight``: registration as augmentation, a labeled image and its label warped onto
     the other image of a segmentation pair, as an extra supervised pair (0 turns it off).
     ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
