@@ -1,0 +1,62 @@
+"""bench/bench_gain.py's table: what each tumor number averages over (rows made by hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_gain.py"
+
+
+@pytest.fixture(scope="module")
+def bench_gain():
+    spec = importlib.util.spec_from_file_location("bench_gain", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gain"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(case_id, tumor_voxels, tumor_dice, predicted):
+    return {
+        "case_id": case_id,
+        "wall_dice": 0.5,
+        "wall_hd95_mm": 5.0,
+        "has_tumor": tumor_voxels > 0,
+        "tumor_voxels": tumor_voxels,
+        "tumor_dice": tumor_dice,
+        "tumor_detected": bool(tumor_dice),
+        "tumor_predicted": predicted,
+    }
+
+
+def test_tumor_dice_is_split_by_size_and_leaves_tumor_free_cases_out(bench_gain):
+    small = bench_gain.SMALL_TUMOR_VOXELS - 1
+    rows = [
+        _row("a", small, 0.2, True),
+        _row("b", 300, 0.6, True),
+        _row("c", 200, 0.8, True),
+        # tumor-free, nothing predicted: a "both empty" case, not a tumor Dice of 1
+        _row("d", 0, None, False),
+        _row("e", 0, None, True),  # tumor-free, a tumor predicted: a false positive
+    ]
+    (entry,) = bench_gain.summarise({"4/0/supervised": rows}, ["supervised"], [4], [0], 10)
+    assert entry["tumor_cases"] == 3
+    assert entry["tumor_dice"] == pytest.approx((0.2 + 0.6 + 0.8) / 3)
+    assert (entry["tumor_cases_small"], entry["tumor_cases_large"]) == (1, 2)
+    assert entry["tumor_dice_small"] == pytest.approx(0.2)
+    assert entry["tumor_dice_large"] == pytest.approx(0.7)
+    assert entry["tumor_detection_rate"] == pytest.approx(1.0)
+    assert entry["tumor_false_positive_rate"] == pytest.approx(0.5)
+
+
+def test_rows_scored_before_sizes_were_recorded_count_in_neither_size_group(bench_gain):
+    row = _row("a", 300, 0.6, True)
+    del row["tumor_voxels"]
+    (entry,) = bench_gain.summarise({"4/0/supervised": [row]}, ["supervised"], [4], [0], 10)
+    assert entry["tumor_dice"] == pytest.approx(0.6)
+    assert (entry["tumor_cases_small"], entry["tumor_cases_large"]) == (0, 0)
+    assert entry["tumor_dice_small"] is None and entry["tumor_dice_large"] is None
