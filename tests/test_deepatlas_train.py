@@ -235,9 +235,19 @@ def test_anatomy_gate_stays_closed_when_only_the_wall_beats_the_identity():
     assert not registration_beats_identity(_validation(0.133, 0.072, 0.21, 0.227), cfg)
 
 
-def test_deepatlas_pretraining_gives_the_baseline_s_segmentation_net(tiny_dataset, tmp_path):
-    """Paired arms: after pre-training F_S is the supervised baseline's after as many updates."""
-    config = tiny_config(**{"deepatlas.max_steps": 4, "deepatlas.checkpoint_every": 4})
+@pytest.mark.parametrize("augment", [False, True])
+def test_deepatlas_pretraining_gives_the_baseline_s_segmentation_net(
+    tiny_dataset, tmp_path, augment
+):
+    """Paired arms: after pre-training F_S is the supervised baseline's after as many updates
+    (with augmentation too: both arms draw the same transforms)."""
+    config = tiny_config(
+        **{
+            "deepatlas.max_steps": 4,
+            "deepatlas.checkpoint_every": 4,
+            "deepatlas.seg_augment": augment,
+        }
+    )
     train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
     train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "sup", supervised_only=True)
     deepatlas = load_file(tmp_path / "da" / "model.safetensors")

@@ -44,6 +44,11 @@ class DeepAtlasConfig:
     wall and the filled bladder.
     ``reg_augment_weight``: registration as augmentation, a labeled image and its label warped onto
     the other image of a segmentation pair, as an extra supervised pair (0 turns it off).
+    ``seg_augment``: every supervised draw (pre-training and the baseline) is moved by a random
+    in-plane rotation (±``augment_rotation_deg``), scale (1 ± ``augment_scale``) and shift
+    (± ``augment_shift`` of the in-plane size), a left-right flip half the time and an intensity
+    gain/offset (± ``augment_intensity``; :mod:`bladdergen.deepatlas.augment`). The alternating
+    phase's pairs are not augmented: the registration field belongs to the images as they are.
     ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
     anatomy plausibility check (:mod:`bladdergen.evaluate.anatomy`) leave the pool.
     ``synthetic_pairs``: a ``--synthetic`` sample whose generated label map passed ``sample``'s
@@ -84,6 +89,11 @@ class DeepAtlasConfig:
     class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
     tumor_case_fraction: float = 0.5
     reg_augment_weight: float = 1.0
+    seg_augment: bool = False
+    augment_rotation_deg: float = 15.0
+    augment_scale: float = 0.1
+    augment_shift: float = 0.05
+    augment_intensity: float = 0.1
     # synthetic CT + label pairs from `sample` (--synthetic) as labeled data
     synthetic_pairs: bool = True
     synthetic_pair_weight: float = 0.5
@@ -177,6 +187,13 @@ class DeepAtlasConfig:
         if self.reg_augment_weight < 0:
             raise ConfigError(
                 f"deepatlas.reg_augment_weight: got {self.reg_augment_weight}, expected >= 0"
+            )
+        for key in ("augment_rotation_deg", "augment_shift", "augment_intensity"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"deepatlas.{key}: got {getattr(self, key)}, expected >= 0")
+        if not 0.0 <= self.augment_scale < 1.0:
+            raise ConfigError(
+                f"deepatlas.augment_scale: got {self.augment_scale}, expected in [0, 1)"
             )
         if not 0.0 <= self.sw_overlap < 1.0:
             raise ConfigError(f"deepatlas.sw_overlap: got {self.sw_overlap}, expected in [0, 1)")

@@ -31,6 +31,7 @@ from bladdergen.deepatlas.align import (
     filled_bladder_from_probs,
     prealignment,
 )
+from bladdergen.deepatlas.augment import AugmentRanges, augment_labeled
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.fields import Warper, folding_fraction
 from bladdergen.deepatlas.losses import DeepAtlasLosses, anatomy_channels, disable_tf32, one_hot
@@ -489,7 +490,8 @@ def _segmentation_step(
 ):
     """Segmentation update, registration frozen.
 
-    Pre-training and the baseline: Dice + CE on a batch of labeled images. Alternating phase:
+    Pre-training and the baseline: Dice + CE on a batch of labeled images (augmented with
+    ``seg_augment``). Alternating phase:
     λ_a·Dice(S_m∘φ, S_t) (only once the anatomy gate is open, ``anatomy_on``) + λ_sp·(Dice + CE on
     the labeled images of the pair) + ``reg_augment_weight``·λ_sp·(Dice + CE on each labeled moving
     image warped onto its target with its warped label: registration as augmentation); pairs with
@@ -498,9 +500,12 @@ def _segmentation_step(
     seg_net.train()
     if phase != SEG:
         indices = _supervised_draw(rng, images, cfg)
+        volume, classes = images.images(indices, rt.device), images.labels(indices, rt.device)
+        if cfg.seg_augment:
+            volume, classes = augment_labeled(volume, classes, rng, augment_ranges(cfg))
         with autocast(rt.device):
-            logits = seg_net(images.images(indices, rt.device))
-        loss = losses.supervised(logits, images.labels(indices, rt.device))
+            logits = seg_net(volume)
+        loss = losses.supervised(logits, classes)
         seg_opt.zero_grad(set_to_none=True)
         loss.backward()
         seg_opt.step()
@@ -562,6 +567,15 @@ def _segmentation_step(
     loss.backward()
     seg_opt.step()
     return {"loss": float(loss.detach()), **terms}
+
+
+def augment_ranges(cfg: DeepAtlasConfig) -> AugmentRanges:
+    return AugmentRanges(
+        rotation_deg=cfg.augment_rotation_deg,
+        scale=cfg.augment_scale,
+        shift=cfg.augment_shift,
+        intensity=cfg.augment_intensity,
+    )
 
 
 def _with_manual_labels(indices, probs, images, rt) -> torch.Tensor:
