@@ -592,13 +592,16 @@ def _with_manual_labels(indices, probs, images, rt) -> torch.Tensor:
 def _segmentations(indices, volume, images, seg_net, rt) -> torch.Tensor:
     """S for each image: one-hot manual label where present, else the frozen F_S's softmax
     (all background when ``seg_net`` is None: no prediction to stand in)."""
-    if seg_net is None:
-        probs = torch.zeros((volume.shape[0], 3, *volume.shape[2:]), device=volume.device)
-        probs[:, 0] = 1.0
-        return _with_manual_labels(indices, probs, images, rt)
-    with torch.no_grad(), autocast(rt.device):
-        seg_net.eval()
-        probs = torch.softmax(seg_net(volume).float(), dim=1)
+    probs = torch.zeros((volume.shape[0], 3, *volume.shape[2:]), device=volume.device)
+    probs[:, 0] = 1.0
+    # F_S runs on the unlabeled images only: a labeled image's prediction would be replaced by
+    # its manual label anyway (most pairs hold one, so this saves a forward pass per step)
+    unlabeled = [row for row, index in enumerate(indices) if index >= images.n_labeled]
+    if seg_net is not None and unlabeled:
+        rows = torch.tensor(unlabeled, device=volume.device)
+        with torch.no_grad(), autocast(rt.device):
+            seg_net.eval()
+            probs[rows] = torch.softmax(seg_net(volume[rows]).float(), dim=1)
     return _with_manual_labels(indices, probs, images, rt)
 
 
