@@ -288,6 +288,19 @@ def _diff(entry: dict, key: str, digits=3) -> str:
 
 
 def render(table: list[dict], args: argparse.Namespace, seconds: float) -> str:
+    lines = table_lines(table) + [
+        "",
+        f"Seeds {args.seeds}, {args.test_cases} test phantoms, {args.unlabeled} unlabeled, "
+        f"{args.val_cases} validation cases, overrides {args.set or 'none'}; "
+        f"{'every predicted island' if args.all_components else 'largest bladder component'} "
+        f"scored; small tumors: < {SMALL_TUMOR_VOXELS} voxels on the preprocessed grid; "
+        f"{seconds / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def table_lines(table: list[dict]) -> list[str]:
+    """The markdown table of :func:`summarise`'s entries, one row per (labeled count, arm)."""
     lines = [
         "| labeled | arm | wall Dice | Δ wall Dice [95% CI] | wall HD95 mm (n) | Δ HD95 mm | "
         "tumor Dice (tumor cases) | small / large tumors | Δ tumor Dice | detection | "
@@ -304,15 +317,7 @@ def render(table: list[dict], args: argparse.Namespace, seconds: float) -> str:
             f"{_diff(e, 'tumor_dice_diff')} | {_fmt(e['tumor_detection_rate'], 2)} | "
             f"{_fmt(e['tumor_false_positive_rate'], 2)} |"
         )
-    lines += [
-        "",
-        f"Seeds {args.seeds}, {args.test_cases} test phantoms, {args.unlabeled} unlabeled, "
-        f"{args.val_cases} validation cases, overrides {args.set or 'none'}; "
-        f"{'every predicted island' if args.all_components else 'largest bladder component'} "
-        f"scored; small tumors: < {SMALL_TUMOR_VOXELS} voxels on the preprocessed grid; "
-        f"{seconds / 60:.1f} min.",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def train_and_score(job: dict) -> dict:

@@ -60,3 +60,30 @@ def test_rows_scored_before_sizes_were_recorded_count_in_neither_size_group(benc
     assert entry["tumor_dice"] == pytest.approx(0.6)
     assert (entry["tumor_cases_small"], entry["tumor_cases_large"]) == (0, 0)
     assert entry["tumor_dice_small"] is None and entry["tumor_dice_large"] is None
+
+
+def test_compare_gain_pairs_one_arm_of_two_outputs_case_by_case(bench_gain):
+    spec = importlib.util.spec_from_file_location(
+        "compare_gain", SCRIPT.with_name("compare_gain.py")
+    )
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    reference = {
+        "4/0/supervised": [_row("a", 300, 0.4, True), _row("b", 0, None, False)],
+        "4/0/deepatlas": [_row("a", 300, 0.9, True)],  # another arm: not compared
+    }
+    changed = {"4/0/supervised": [_row("a", 300, 0.7, True), _row("b", 0, None, True)]}
+    for rows, wall in (
+        (changed["4/0/supervised"], (0.8, 0.6)),
+        (reference["4/0/supervised"], (0.5, 0.5)),
+    ):
+        for row, value in zip(rows, wall, strict=True):
+            row["wall_dice"] = value
+    merged = compare.paired_runs(reference, changed, "supervised")
+    table = bench_gain.summarise(merged, ["supervised", "deepatlas"], [4], [0], 200)
+    changed_entry = table[1]
+    # per case: wall a 0.8 - 0.5, b 0.6 - 0.5; tumor only over the tumor case a: 0.7 - 0.4
+    assert changed_entry["wall_dice_diff"][0] == pytest.approx(0.2)
+    assert changed_entry["wall_dice_diff"][3] == 2
+    assert changed_entry["tumor_dice_diff"][0] == pytest.approx(0.3)
+    assert changed_entry["tumor_false_positive_rate"] == pytest.approx(1.0)

@@ -1,0 +1,78 @@
+"""Paired differences between two ``bench_gain.py`` outputs that differ by one setting.
+
+``bench_gain.py`` pairs every arm with ``supervised`` inside one output folder. A config change
+(``--set deepatlas.seg_augment=true``, say) is measured as two outputs over the same data, seeds
+and test cases; this script pairs one arm of ``--changed`` with the same arm of ``--reference``
+per test case (averaged over seeds), with the same bootstrap CI, and prints the table::
+
+    python bench/compare_gain.py --reference /tmp/noaug --changed /tmp/aug --arm supervised \\
+        --labeled 4 --seeds 0 1 2
+
+Both outputs must score the same test cases (same ``--test-cases`` and data seed); the rows are
+matched by case id and a case missing from either side is left out of the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gain  # noqa: E402  (the sibling script: same summary and table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, required=True, help="bench_gain.py --out")
+    parser.add_argument("--changed", type=Path, required=True, help="bench_gain.py --out")
+    parser.add_argument("--arm", default="supervised", choices=bench_gain.ARMS)
+    parser.add_argument("--labeled", type=int, nargs="+", default=[4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--all-components", action="store_true")
+    return parser.parse_args(argv)
+
+
+def paired_runs(reference: dict, changed: dict, arm: str) -> dict:
+    """One results dict: ``reference``'s ``arm`` runs as ``supervised`` (the side differences are
+    taken to), ``changed``'s as ``deepatlas``, so :func:`bench_gain.summarise` pairs them."""
+    merged = {}
+    for key, rows in reference.items():
+        n, seed, name = key.split("/")
+        if name == arm:
+            merged[f"{n}/{seed}/supervised"] = rows
+    for key, rows in changed.items():
+        n, seed, name = key.split("/")
+        if name == arm:
+            merged[f"{n}/{seed}/deepatlas"] = rows
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    name = "gain_all_components" if args.all_components else "gain"
+    runs = []
+    for folder in (args.reference, args.changed):
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            print(f"{path}: not found (run bench_gain.py --out {folder} first)", file=sys.stderr)
+            return 2
+        runs.append(json.loads(path.read_text())["runs"])
+    merged = paired_runs(runs[0], runs[1], args.arm)
+    table = bench_gain.summarise(
+        merged, ["supervised", "deepatlas"], args.labeled, args.seeds, args.bootstrap
+    )
+    labels = {"supervised": f"{args.arm} ({args.reference})", "deepatlas": str(args.changed)}
+    for entry in table:
+        entry["arm"] = labels[entry["arm"]]
+    lines = bench_gain.table_lines(table)
+    out = "\n".join(lines) + f"\n\nΔ = {args.changed} − {args.reference}, arm {args.arm}.\n"
+    print(out)
+    (args.changed / f"compare_{name}.json").write_text(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
