@@ -26,7 +26,10 @@ def demo(
         Path, typer.Argument(help="Run folder for every artefact (created; reused to resume).")
     ] = Path("runs/demo"),
     profile: Annotated[
-        str, typer.Option("--profile", "-p", help="tiny (CPU, ~15 min) or paper (24 GB GPU).")
+        str,
+        typer.Option(
+            "--profile", "-p", help="tiny (CPU, ~25 min on 2 cores) or paper (24 GB GPU)."
+        ),
     ] = "tiny",
     config: ConfigOption = None,
     from_stage: Annotated[

@@ -132,7 +132,7 @@ LDM_TINY = {
     "channel_mults": [1, 2, 2],
     "attention_heads": 2,
     "attention_head_channels": 16,
-    "max_steps": 1200,  # keeps `bladdergen demo` under 15 minutes on 2 cores
+    "max_steps": 1200,  # ~4.5 min of `bladdergen demo` on 2 cores (docs/benchmarks.md#demo)
     "batch_size": 4,
     "grad_accumulation": 1,
     "learning_rate": 1e-3,
