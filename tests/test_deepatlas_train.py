@@ -256,6 +256,30 @@ def test_deepatlas_pretraining_gives_the_baseline_s_segmentation_net(
     assert seg_keys and all(torch.equal(deepatlas[k], supervised[k]) for k in seg_keys)
 
 
+def test_with_seg_augment_every_segmentation_update_augments_its_supervised_images(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """The alternating phase's supervised term is augmented too, not only pre-training's: the
+    baseline's updates are all augmented, so DeepAtlas's must be for the same augmentation."""
+    import bladdergen.deepatlas.train as train_module
+
+    calls = []
+
+    def counting(images, labels, rng, ranges):
+        calls.append(images.shape[0])
+        return train_module_augment(images, labels, rng, ranges)
+
+    train_module_augment = train_module.augment_labeled
+    monkeypatch.setattr(train_module, "augment_labeled", counting)
+    config = tiny_config(**{"deepatlas.max_steps": 12, "deepatlas.seg_augment": True})
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
+    cfg = config.deepatlas
+    alternating = segmentation_updates(cfg, 12) - cfg.seg_pretrain_steps
+    assert alternating > 0  # the run reaches the alternating phase
+    # one call per segmentation update: every segmentation pair holds a labeled image
+    assert len(calls) == segmentation_updates(cfg, 12)
+
+
 def _sample_folder(root, plausible):
     """A `sample`-style folder: images/, labels/ (0/255/128) and checks/ per sample."""
     rng = np.random.default_rng(1)

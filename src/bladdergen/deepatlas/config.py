@@ -44,11 +44,13 @@ class DeepAtlasConfig:
     wall and the filled bladder.
     ``reg_augment_weight``: registration as augmentation, a labeled image and its label warped onto
     the other image of a segmentation pair, as an extra supervised pair (0 turns it off).
-    ``seg_augment``: every supervised draw (pre-training and the baseline) is moved by a random
+    ``seg_augment``: every supervised image (pre-training, the baseline and the labeled images of
+    the alternating phase's pairs) is moved by a random
     in-plane rotation (±``augment_rotation_deg``), scale (1 ± ``augment_scale``) and shift
     (± ``augment_shift`` of the in-plane size), a left-right flip half the time and an intensity
-    gain/offset (± ``augment_intensity``; :mod:`bladdergen.deepatlas.augment`). The alternating
-    phase's pairs are not augmented: the registration field belongs to the images as they are.
+    gain/offset (± ``augment_intensity``; :mod:`bladdergen.deepatlas.augment`). In the
+    alternating phase only the supervised term sees the moved images: the registration field,
+    the anatomy term and registration as augmentation use the images as they are.
     ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
     anatomy plausibility check (:mod:`bladdergen.evaluate.anatomy`) leave the pool.
     ``synthetic_pairs``: a ``--synthetic`` sample whose generated label map passed ``sample``'s

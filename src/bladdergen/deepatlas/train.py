@@ -493,7 +493,7 @@ def _segmentation_step(
     Pre-training and the baseline: Dice + CE on a batch of labeled images (augmented with
     ``seg_augment``). Alternating phase:
     λ_a·Dice(S_m∘φ, S_t) (only once the anatomy gate is open, ``anatomy_on``) + λ_sp·(Dice + CE on
-    the labeled images of the pair) + ``reg_augment_weight``·λ_sp·(Dice + CE on each labeled moving
+    the labeled images of the pair, augmented with ``seg_augment``) + ``reg_augment_weight``·λ_sp·(Dice + CE on each labeled moving
     image warped onto its target with its warped label: registration as augmentation); pairs with
     at least one labeled image only.
     """
@@ -533,7 +533,20 @@ def _segmentation_step(
         )
     augment_rows = [row for row, i in enumerate(moving_idx) if i < images.n_labeled]
     augment = cfg.reg_augment_weight > 0 and bool(augment_rows)
-    inputs = [moving, target]
+    pair_images = torch.cat([moving, target])
+    all_idx = moving_idx + target_idx
+    labeled_rows = [row for row, i in enumerate(all_idx) if i < images.n_labeled]
+    labeled_truth = images.labels([all_idx[r] for r in labeled_rows], rt.device)
+    if cfg.seg_augment and labeled_rows:
+        # the supervised term sees its labeled images augmented, as the baseline's draws are;
+        # the anatomy term replaces labeled rows by their manual labels, so it is unaffected,
+        # and the field and registration augmentation use the images as they are
+        rows = torch.tensor(labeled_rows, device=rt.device)
+        moved, labeled_truth = augment_labeled(
+            pair_images[rows], labeled_truth, rng, augment_ranges(cfg)
+        )
+        pair_images = pair_images.index_copy(0, rows, moved)
+    inputs = [pair_images]
     if augment:
         with torch.no_grad():
             rows = torch.tensor(augment_rows, device=rt.device)
@@ -544,11 +557,7 @@ def _segmentation_step(
     with autocast(rt.device):
         logits = seg_net(torch.cat(inputs)).float()
     probs = torch.softmax(logits[: 2 * batch], dim=1)
-    all_idx = moving_idx + target_idx
-    labeled_rows = [row for row, i in enumerate(all_idx) if i < images.n_labeled]
-    supervised = losses.supervised(
-        logits[labeled_rows], images.labels([all_idx[r] for r in labeled_rows], rt.device)
-    )
+    supervised = losses.supervised(logits[labeled_rows], labeled_truth)
     loss = cfg.supervised_weight * supervised
     terms = {"supervised": float(supervised.detach()), "anatomy_on": bool(anatomy_on)}
     if anatomy_on and cfg.anatomy_weight > 0:
