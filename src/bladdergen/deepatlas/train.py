@@ -493,9 +493,9 @@ def _segmentation_step(
     Pre-training and the baseline: Dice + CE on a batch of labeled images (augmented with
     ``seg_augment``). Alternating phase:
     λ_a·Dice(S_m∘φ, S_t) (only once the anatomy gate is open, ``anatomy_on``) + λ_sp·(Dice + CE on
-    the labeled images of the pair, augmented with ``seg_augment``) + ``reg_augment_weight``·λ_sp·(Dice + CE on each labeled moving
-    image warped onto its target with its warped label: registration as augmentation); pairs with
-    at least one labeled image only.
+    the labeled images of the pair, augmented with ``seg_augment``) + ``reg_augment_weight``·λ_sp·
+    (Dice + CE on each labeled moving image warped onto its target with its warped label:
+    registration as augmentation); pairs with at least one labeled image only.
     """
     seg_net.train()
     if phase != SEG:
