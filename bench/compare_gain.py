@@ -39,14 +39,11 @@ def paired_runs(reference: dict, changed: dict, arm: str) -> dict:
     """One results dict: ``reference``'s ``arm`` runs as ``supervised`` (the side differences are
     taken to), ``changed``'s as ``deepatlas``, so :func:`bench_gain.summarise` pairs them."""
     merged = {}
-    for key, rows in reference.items():
-        n, seed, name = key.split("/")
-        if name == arm:
-            merged[f"{n}/{seed}/supervised"] = rows
-    for key, rows in changed.items():
-        n, seed, name = key.split("/")
-        if name == arm:
-            merged[f"{n}/{seed}/deepatlas"] = rows
+    for runs, side in ((reference, "supervised"), (changed, "deepatlas")):
+        for key, rows in runs.items():
+            n, seed, name = key.split("/")
+            if name == arm:
+                merged[f"{n}/{seed}/{side}"] = rows
     return merged
 
 

@@ -264,12 +264,12 @@ def test_with_seg_augment_every_segmentation_update_augments_its_supervised_imag
     import bladdergen.deepatlas.train as train_module
 
     calls = []
+    original = train_module.augment_labeled
 
     def counting(images, labels, rng, ranges):
         calls.append(images.shape[0])
-        return train_module_augment(images, labels, rng, ranges)
+        return original(images, labels, rng, ranges)
 
-    train_module_augment = train_module.augment_labeled
     monkeypatch.setattr(train_module, "augment_labeled", counting)
     config = tiny_config(**{"deepatlas.max_steps": 12, "deepatlas.seg_augment": True})
     train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
