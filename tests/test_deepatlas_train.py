@@ -333,3 +333,58 @@ def test_the_supervised_baseline_uses_synthetic_pairs_only_when_given(tiny_datas
         supervised_only=True,
     )
     assert (alone["synthetic_pairs"], alone["labeled_training_cases"]) == (0, 3)
+
+
+def _records(run_dir, from_step):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [
+        {k: v for k, v in r.items() if k != "seconds"} for r in records if r["step"] >= from_step
+    ]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_deepatlas_from_the_baseline_s_handoff_ends_with_the_weights_of_a_full_run(
+    tiny_dataset, tmp_path, augment
+):
+    """--from-baseline skips the supervised pre-training and loses nothing: final and best
+    weights and every record from the hand-off's validation on equal a run that trained it."""
+    extra = {"deepatlas.max_steps": 12, "deepatlas.val_every": 2, "deepatlas.seg_augment": augment}
+    cfg = tiny_config(**extra).deepatlas
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "full")
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "sup", supervised_only=True)
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "warm", from_baseline=tmp_path / "sup")
+    for name in ("model.safetensors", "best.safetensors"):
+        full, warm = load_file(tmp_path / "full" / name), load_file(tmp_path / "warm" / name)
+        assert sorted(full) == sorted(warm)
+        assert all(torch.equal(full[k], warm[k]) for k in full), name
+    handoff = cfg.reg_pretrain_steps + cfg.seg_pretrain_steps
+    assert _records(tmp_path / "warm", handoff + 1) == _records(tmp_path / "full", handoff + 1)
+    # the hand-off step's validation is run, not copied (it scores the registration too)
+    at_handoff = [r for r in _records(tmp_path / "warm", handoff) if r["step"] == handoff]
+    (validation,) = [r for r in at_handoff if r["phase"] == "validation"]
+    assert "registration_dice" in validation and "from_baseline" not in validation
+
+
+def test_from_baseline_refuses_a_baseline_of_other_settings(tiny_dataset, tmp_path):
+    steps = {"deepatlas.max_steps": 8, "deepatlas.val_every": 2}
+    cfg = tiny_config(**steps).deepatlas
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "sup", supervised_only=True)
+    other = tiny_config(**steps, **{"deepatlas.seg_lr": 1e-3}).deepatlas
+    with pytest.raises(InputError, match=r"pretraining_handoff.pt: .*seg_lr 0.003 vs 0.001"):
+        train_deepatlas(other, tiny_dataset, tmp_path / "da", from_baseline=tmp_path / "sup")
+    with pytest.raises(InputError, match="seed 0.*1"):
+        train_deepatlas(cfg, tiny_dataset, tmp_path / "da", seed=1, from_baseline=tmp_path / "sup")
+    assert not (tmp_path / "da" / "training_state.pt").exists()
+
+
+def test_from_baseline_refuses_a_schedule_that_validates_off_the_baseline_s_updates(
+    tiny_dataset, tmp_path
+):
+    # reg pre-training 2, validation every 4: DeepAtlas would validate at updates 2, 6, ...
+    cfg = tiny_config(**{"deepatlas.max_steps": 8}).deepatlas
+    with pytest.raises(
+        InputError, match=r"reg_pretrain_steps \(2\) must be a multiple of val_every \(4\)"
+    ):
+        train_deepatlas(cfg, tiny_dataset, tmp_path / "da", from_baseline=tmp_path / "sup")
+    assert not (tmp_path / "da").exists()

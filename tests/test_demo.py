@@ -22,9 +22,9 @@ QUICK = {
     "ldm.ema_start": 1,
     "ldm.checkpoint_every": 1,
     "sample.steps": 2,
-    "deepatlas.max_steps": 6,
-    "deepatlas.reg_pretrain_steps": 1,
-    "deepatlas.seg_pretrain_steps": 1,
+    "deepatlas.max_steps": 8,
+    "deepatlas.reg_pretrain_steps": 2,  # a multiple of val_every: DeepAtlas starts from the
+    "deepatlas.seg_pretrain_steps": 2,  # baseline's pre-training
     "deepatlas.reg_steps_per_cycle": 1,
     "deepatlas.seg_steps_per_cycle": 1,
     "deepatlas.val_every": 2,
@@ -52,6 +52,13 @@ def test_demo_runs_every_stage_and_writes_the_report(finished_demo):
     assert len(list((run_dir / "synthetic" / "images").glob("*.nii.gz"))) == 2
     assert len(list((run_dir / "predictions" / "deepatlas").glob("*.nii.gz"))) == 2
     assert (run_dir / "evaluation" / "gen" / "montage.png").is_file()
+
+
+def test_deepatlas_starts_from_the_baseline_s_pretraining(finished_demo):
+    run_dir, _ = finished_demo
+    result = json.loads((run_dir / "stages" / "train-deepatlas.json").read_text())["result"]
+    assert result["from_baseline"] == str((run_dir / "baseline").resolve())
+    assert result["segmentation_updates"] == 4  # 2 of pre-training, 2 of the alternating phase
 
 
 def test_rerun_with_same_settings_skips_every_stage(finished_demo):

@@ -55,6 +55,15 @@ def train_deepatlas_command(
             "as it gets in the DeepAtlas schedule; no registration, no unlabeled data.",
         ),
     ] = False,
+    from_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-baseline",
+            help="Run folder of the `--supervised-only` baseline of the same data, seed and "
+            "settings: DeepAtlas takes its state after deepatlas.seg_pretrain_steps updates "
+            "instead of repeating them (the same result, minus the supervised pre-training).",
+        ),
+    ] = None,
     max_steps: Annotated[
         int | None,
         typer.Option(
@@ -87,6 +96,7 @@ def train_deepatlas_command(
             unlabeled_dirs=list(unlabeled or []),
             synthetic_dir=synthetic,
             supervised_only=supervised_only,
+            from_baseline=from_baseline,
             resume=resume,
             reporter=reporter,
         )

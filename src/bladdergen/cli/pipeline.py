@@ -37,7 +37,7 @@ def demo(
         typer.Option(
             "--from",
             help="Rerun from this stage: phantom, preprocess, train-vqgan, train-ldm, sample, "
-            "train-deepatlas, train-baseline, segment, evaluate.",
+            "train-baseline, train-deepatlas, segment, evaluate.",
         ),
     ] = None,
     train_cases: Annotated[int, typer.Option(help="Training phantoms.", min=3)] = 18,
@@ -55,7 +55,8 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Run the paper's pipeline on phantoms: phantom -> preprocess -> train-vqgan -> train-ldm ->
-    sample -> train-deepatlas and the supervised baseline -> segment -> evaluate.
+    sample -> the supervised baseline -> train-deepatlas (from the baseline's pre-training)
+    -> segment -> evaluate.
 
     Ends with RUN_DIR/report.md (segmentation table, generation metrics, PNG montages). Finished
     stages are skipped on a rerun, so an interrupted demo resumes; --from reruns from a stage.

@@ -131,19 +131,14 @@ def _prepared(
 ) -> PoolImage:
     """One raw pool volume (and its plausible label map) through the training preprocessing,
     once: the prepared image is written last, so its presence marks a finished pair."""
-    import json
-
     from bladdergen.data.preprocess import prepare_image, prepare_label
     from bladdergen.data.volumes import read_volume, strip_volume_suffix, write_nifti
-    from bladdergen.diffusion.layout import sample_label_and_checks
 
     name = strip_volume_suffix(path)
     out = prepared_dir / source / f"{name}.nii.gz"
     label_out = prepared_dir / source / "labels" / f"{name}.nii.gz"
-    label_path, checks_path = sample_label_and_checks(path)
-    paired = with_labels and label_path.is_file()
-    if paired and checks_path.is_file():
-        paired = bool(json.loads(checks_path.read_text(encoding="utf-8"))["checks"]["plausible"])
+    label_path = plausible_sample_label(path) if with_labels else None
+    paired = label_path is not None
     if not out.is_file():
         prepared = prepare_image(read_volume(path), preprocess)
         if paired:
@@ -151,3 +146,27 @@ def _prepared(
             write_nifti(label_out, label, prepared.affine, np.uint8)
         write_nifti(out, prepared.image, prepared.affine, np.float32)
     return PoolImage(f"{source}:{name}", source, out, label_out if paired else None)
+
+
+def plausible_sample_label(image_path: Path) -> Path | None:
+    """The label map beside a ``sample`` output's image, if there is one and ``sample`` found it
+    plausible (``checks/<name>.json``; no checks file counts as plausible); else None."""
+    import json
+
+    from bladdergen.diffusion.layout import sample_label_and_checks
+
+    label_path, checks_path = sample_label_and_checks(image_path)
+    if not label_path.is_file():
+        return None
+    if checks_path.is_file():
+        checks = json.loads(checks_path.read_text(encoding="utf-8"))["checks"]
+        return label_path if checks["plausible"] else None
+    return label_path
+
+
+def synthetic_pair_count(folder: Path) -> int:
+    """How many images of a ``sample`` output folder come with a plausible label map."""
+    from bladdergen.diffusion.layout import sample_images_folder
+
+    raw = list_raw_volumes(sample_images_folder(Path(folder)))
+    return sum(plausible_sample_label(path) is not None for path in raw)

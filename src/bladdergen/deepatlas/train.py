@@ -34,6 +34,7 @@ from bladdergen.deepatlas.align import (
 from bladdergen.deepatlas.augment import AugmentRanges, augment_labeled
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.fields import Warper, folding_fraction
+from bladdergen.deepatlas.handoff import HANDOFF_NAME, handoff_identity, read_handoff, write_handoff
 from bladdergen.deepatlas.losses import DeepAtlasLosses, anatomy_channels, disable_tf32, one_hot
 from bladdergen.deepatlas.networks import RegistrationNet, SegmentationNet, portable_state_dict
 from bladdergen.deepatlas.pairs import (
@@ -64,7 +65,7 @@ MODE_DEEPATLAS, MODE_SUPERVISED = "deepatlas", "supervised-only"
 RESUMABLE_KEYS = {"max_steps", "device", "val_every", "checkpoint_every", "log_every"}
 RESUMABLE_KEYS |= {"cache_volumes", "sw_overlap"}
 PREPARED_DIR = "prepared"
-RUN_KIND = RunKind(KIND, RESUMABLE_KEYS, entries={"split.json", PREPARED_DIR})
+RUN_KIND = RunKind(KIND, RESUMABLE_KEYS, entries={"split.json", PREPARED_DIR, HANDOFF_NAME})
 
 
 class _Images:
@@ -143,6 +144,7 @@ def train_deepatlas(
     unlabeled_dirs: list[Path] | None = None,
     synthetic_dir: Path | None = None,
     supervised_only: bool = False,
+    from_baseline: Path | None = None,
     resume: bool = False,
     reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
@@ -151,14 +153,21 @@ def train_deepatlas(
     ``data_dir``: a preprocessed set; its labeled cases are split into training and validation
     (``cfg.val_cases``), its unlabeled cases join the unlabeled pool. ``unlabeled_dirs`` and
     ``synthetic_dir``: more unlabeled images (preprocessed sets or raw HU volumes, prepared with
-    DATA_DIR's recorded preprocess settings). Returns the run summary with the schedule's update
-    counts, pool sizes and the best validation Dice.
+    DATA_DIR's recorded preprocess settings). ``from_baseline``: the run folder of the
+    supervised-only baseline of the same data, seed and settings, whose state after
+    ``seg_pretrain_steps`` updates replaces DeepAtlas's supervised pre-training (identical by
+    design; see :mod:`bladdergen.deepatlas.handoff`). Returns the run summary with the
+    schedule's update counts, pool sizes and the best validation Dice.
 
     Raises InputError for unusable data or run folders, CheckpointError when ``resume`` does not
     match the run, TrainingDiverged when a loss becomes non-finite.
     """
     mode = MODE_SUPERVISED if supervised_only else MODE_DEEPATLAS
     check_budget(cfg, supervised_only)
+    if from_baseline is not None and supervised_only:
+        raise InputError("--from-baseline starts DeepAtlas from a baseline; drop --supervised-only")
+    if from_baseline is not None and schedule_fits_baseline(cfg) is not None:
+        raise InputError(f"--from-baseline: {schedule_fits_baseline(cfg)}")
     runtime = start_runtime(cfg.device)
     disable_tf32()
 
@@ -186,12 +195,18 @@ def train_deepatlas(
         "synthetic_pairs": cfg.synthetic_pairs,
     }
     facts = {"mode": mode, "pools": pools}
+    if from_baseline is not None:
+        facts["from_baseline"] = str(Path(from_baseline).resolve())
     run = RunFolder.open(
         run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
     )
     with main_process_first(runtime):
         synthetic_pairs, images_only = _folder_pools(pools_wanted, run, preprocess, cfg)
     labeled += synthetic_pairs  # synthetic CT + label pairs are labeled data
+    identity = handoff_identity(seed, to_mapping(cfg), data_dir, _ids(labeled), val_ids)
+    handoff = None  # a resumed run past the hand-off no longer needs the baseline's folder
+    if from_baseline is not None and run.step <= cfg.reg_pretrain_steps:
+        handoff = read_handoff(Path(from_baseline), identity)
     unlabeled += [] if supervised_only else images_only
     if runtime.is_main:
         atomic_write_json(run.path / "split.json", {**pools, "unlabeled": _ids(unlabeled)})
@@ -250,36 +265,45 @@ def train_deepatlas(
     description = f"train-deepatlas ({mode})"
     for step in run.steps(total, log_every=cfg.log_every, description=description, show=("loss",)):
         phase = SUPERVISED if supervised_only else phase_of(step, cfg)
-        # Supervised pre-training draws the baseline's batches (keyed by the segmentation update,
-        # not the global step), so both arms leave pre-training with the same F_S and differ only
-        # by what the alternating phase adds: a paired comparison, not two random transients.
-        draw = step - cfg.reg_pretrain_steps if phase == SEG_PRETRAIN else step
-        rng = step_rng(seed, draw, runtime.rank)
-        if kept_unlabeled is None and phase in (REG, SEG):  # pre-training just ended
-            kept_unlabeled, record = filter_synthetic(images, seg_net, cfg, spacing, runtime)
-            images = images.with_unlabeled(kept_unlabeled)
-            # logged as part of this step (1-based), so a resume from the checkpoint before it
-            # truncates it and logs it once again, never twice
-            run.log(step + 1, record)
-        if phase in (REG_PRETRAIN, REG):
-            terms = _registration_step(
-                phase, rng, images, seg_ddp, reg_ddp, reg_opt, losses, warper, cfg, runtime
-            )
+        handed_off = handoff is not None and step == cfg.reg_pretrain_steps
+        if handed_off:  # the baseline's pre-training is this run's: take it, skip its updates
+            best_score, best_step = _take_handoff(handoff, run, seg_net, seg_opt, reg_net, metadata)
+            done = run.skip_to(step + cfg.seg_pretrain_steps)
         else:
-            terms = _segmentation_step(
-                phase,
-                rng,
-                images,
-                seg_ddp,
-                reg_ddp,
-                seg_opt,
-                losses,
-                warper,
-                cfg,
-                runtime,
-                anatomy_on=gate_open,
-            )
-        done = run.end_step(step, terms, phase=phase)
+            # Supervised pre-training draws the baseline's batches (keyed by the segmentation
+            # update, not the global step), so both arms leave pre-training with the same F_S
+            # and differ only by what the alternating phase adds: a paired comparison.
+            draw = step - cfg.reg_pretrain_steps if phase == SEG_PRETRAIN else step
+            rng = step_rng(seed, draw, runtime.rank)
+            if kept_unlabeled is None and phase in (REG, SEG):  # pre-training just ended
+                kept_unlabeled, record = filter_synthetic(images, seg_net, cfg, spacing, runtime)
+                images = images.with_unlabeled(kept_unlabeled)
+                # logged as part of this step (1-based), so a resume from the checkpoint before
+                # it truncates it and logs it once again, never twice
+                run.log(step + 1, record)
+            if phase in (REG_PRETRAIN, REG):
+                terms = _registration_step(
+                    phase, rng, images, seg_ddp, reg_ddp, reg_opt, losses, warper, cfg, runtime
+                )
+            else:
+                terms = _segmentation_step(
+                    phase,
+                    rng,
+                    images,
+                    seg_ddp,
+                    reg_ddp,
+                    seg_opt,
+                    losses,
+                    warper,
+                    cfg,
+                    runtime,
+                    anatomy_on=gate_open,
+                )
+            done = run.end_step(step, terms, phase=phase)
+        if supervised_only and done == cfg.seg_pretrain_steps and runtime.is_main:
+            # before this update's validation: DeepAtlas validates (and scores registration) here
+            state = {"seg_net": seg_net, "seg_opt": seg_opt, "identity": identity}
+            write_handoff(run.path, step=done, best_score=best_score, best_step=best_step, **state)
         # scoring only starts once F_S has been trained: an untrained net that paints "wall"
         # over a region can out-score one that predicts nothing and would be kept as "best"
         seg_trained = supervised_only or done > cfg.reg_pretrain_steps
@@ -297,7 +321,7 @@ def train_deepatlas(
             run.log_validation(done, {**last_val, "best": improved})
         if runtime.distributed and reg_net is not None and run.due(done, cfg.val_every):
             gate_open = _from_main_rank(gate_open, runtime)  # rank 0 validated
-        if run.due(done, cfg.checkpoint_every):
+        if run.due(done, cfg.checkpoint_every) or handed_off:
             scores = {"best_score": best_score, "best_step": best_step, "gate_open": gate_open}
             scores["kept_unlabeled"] = kept_unlabeled
             run.save(done, stateful, write_weights, extra=scores)
@@ -314,6 +338,7 @@ def train_deepatlas(
         synthetic_pairs=len(synthetic_pairs),
         synthetic_images_kept=sum(p.source == "synthetic" for p in images.items),
         anatomy_gate_open=gate_open,
+        from_baseline=facts.get("from_baseline"),
         best_step=best_step,
         best_dice_mean=None if best_step is None else best_score,
         last_validation=last_val,
@@ -369,6 +394,42 @@ def check_budget(cfg: DeepAtlasConfig, supervised_only: bool) -> None:
         f"({pretrain + cfg.reg_steps_per_cycle + cfg.seg_steps_per_cycle} for one alternating "
         "cycle), or lower deepatlas.reg_pretrain_steps / seg_pretrain_steps"
     )
+
+
+def schedule_fits_baseline(cfg: DeepAtlasConfig) -> str | None:
+    """Why this schedule cannot start from the baseline's hand-off, or None when it can: the
+    baseline validated at updates k*val_every, DeepAtlas's pre-training would have validated at
+    reg_pretrain_steps + k*val_every and kept its best among those."""
+    if cfg.seg_pretrain_steps >= 1 and cfg.reg_pretrain_steps % cfg.val_every == 0:
+        return None
+    return (
+        f"deepatlas.reg_pretrain_steps ({cfg.reg_pretrain_steps}) must be a multiple of "
+        f"val_every ({cfg.val_every}) and seg_pretrain_steps ({cfg.seg_pretrain_steps}) at least "
+        "1, so the baseline validated where this run's pre-training would have"
+    )
+
+
+def _take_handoff(handoff, run, seg_net, seg_opt, reg_net, metadata) -> tuple[float, int | None]:
+    """Load the baseline's F_S and optimiser state into this run at the end of registration
+    pre-training; copy its log records and best weights (with this run's F_R) at this run's
+    step numbers. Returns the best validation score and its step."""
+    shift = run.step  # = reg_pretrain_steps
+    unwrap(seg_net).load_state_dict(handoff["seg_net"])
+    seg_opt.load_state_dict(handoff["seg_opt"])
+    for record in handoff["records"]:
+        copied = {k: v for k, v in record.items() if k not in ("step", "seconds")}
+        if copied.get("phase") == SUPERVISED:
+            copied["phase"] = SEG_PRETRAIN
+        run.log(record["step"] + shift, {**copied, "from_baseline": True})
+    if handoff["best_step"] is None:
+        return handoff["best_score"], None
+    best_step = handoff["best_step"] + shift
+    if run.runtime.is_main:
+        reg = portable_state_dict(unwrap(reg_net))
+        tensors = dict(handoff["best"]["tensors"]) | {f"reg_net.{k}": v for k, v in reg.items()}
+        extra = {"step": best_step, "validation": handoff["best"]["validation"]}
+        ckpt.save_weights(run.path / ckpt.BEST_WEIGHTS_NAME, tensors, {**metadata, **extra})
+    return handoff["best_score"], best_step
 
 
 def registration_beats_identity(validation: dict[str, Any], cfg: DeepAtlasConfig) -> bool:

@@ -221,14 +221,32 @@ class RunFolder:
         description: str | None = None,
         show: Iterable[str] = (),
     ) -> Iterator[int]:
-        """Step indices ``self.step .. total-1`` (0-based) with a progress task around them."""
+        """Step indices ``self.step .. total-1`` (0-based) with a progress task around them.
+
+        Each step must be closed by :meth:`end_step` (or passed over by :meth:`skip_to`): the
+        next index is the step count they leave."""
         self._total, self._log_every, self._show = total, max(1, log_every), tuple(show)
         description = description or COMMANDS.get(self.kind, self.kind)
         self._task = self.reporter.task(description, total=total, completed=min(self.step, total))
         try:
-            yield from range(self.step, total)
+            while self.step < total:
+                step = self.step
+                yield step
+                if self.step <= step:
+                    raise RuntimeError(f"step {step} was neither ended nor skipped")
         finally:
             self._task.close()
+
+    def skip_to(self, done: int) -> int:
+        """Count the steps up to ``done`` as done without running them (their result was taken
+        from another run); advances the progress, logs nothing. Returns ``done``."""
+        if done <= self.step or done > self._total:
+            raise ValueError(f"cannot skip from step {self.step} to {done} of {self._total}")
+        if self._task is not None:
+            self._task.advance(done - self.step)
+        self.step = done
+        self._window = {}
+        return done
 
     def end_step(self, step: int, terms: dict[str, float], phase: str | None = None) -> int:
         """Close 0-based step ``step``: stop on a non-finite term, log the window's mean terms

@@ -3,7 +3,8 @@
 Stages, in order (each is the same core function the matching command calls)::
 
     phantom -> preprocess -> train-vqgan -> train-ldm -> sample
-            -> train-deepatlas (labeled + unlabeled + synthetic) and train-baseline (labeled only)
+            -> train-baseline (labeled only)
+            -> train-deepatlas (labeled + unlabeled + synthetic, from the baseline's pre-training)
             -> segment (held-out test phantoms, both models) -> evaluate (seg and gen)
 
 Run folder layout::
@@ -46,8 +47,8 @@ STAGES = (
     "train-vqgan",
     "train-ldm",
     "sample",
-    "train-deepatlas",
     "train-baseline",
+    "train-deepatlas",
     "segment",
     "evaluate",
 )
@@ -59,8 +60,8 @@ _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train-vqgan": ("vqgan",),
     "train-ldm": ("ldm",),
     "sample": ("sample",),
-    "train-deepatlas": ("deepatlas",),
     "train-baseline": ("deepatlas",),
+    "train-deepatlas": ("deepatlas",),
     "segment": (),
     "evaluate": ("evaluate",),
 }
@@ -134,8 +135,8 @@ class DemoPaths:
             "train-vqgan": [self.vqgan],
             "train-ldm": [self.ldm],
             "sample": [self.synthetic],
-            "train-deepatlas": [self.deepatlas],
             "train-baseline": [self.baseline],
+            "train-deepatlas": [self.deepatlas],
             "segment": [self.root / "predictions"],
             "evaluate": [self.evaluation, self.root / "report.md"],
         }[stage]
@@ -191,8 +192,8 @@ def run_demo(
         "train-vqgan": lambda: _train_vqgan(paths, config, reporter),
         "train-ldm": lambda: _train_ldm(paths, config, reporter),
         "sample": lambda: _sample(paths, config, plan, reporter),
-        "train-deepatlas": lambda: _train_deepatlas(paths, config, reporter, supervised_only=False),
         "train-baseline": lambda: _train_deepatlas(paths, config, reporter, supervised_only=True),
+        "train-deepatlas": lambda: _train_deepatlas(paths, config, reporter, supervised_only=False),
         "segment": lambda: _segment(paths, config, reporter),
         "evaluate": lambda: _evaluate(paths, config, reporter),
     }
@@ -310,10 +311,19 @@ def _sample(paths: DemoPaths, config: PipelineConfig, plan: DemoPlan, reporter: 
 def _train_deepatlas(
     paths: DemoPaths, config: PipelineConfig, reporter: Reporter, supervised_only: bool
 ):
-    from bladdergen.deepatlas.train import train_deepatlas
+    from bladdergen.deepatlas.pools import synthetic_pair_count
+    from bladdergen.deepatlas.train import schedule_fits_baseline, train_deepatlas
 
     run_dir = paths.baseline if supervised_only else paths.deepatlas
     resume = _resuming(run_dir)
+    # DeepAtlas's supervised pre-training repeats the baseline's first updates bit for bit (paired
+    # by design), so it starts from the baseline's state there instead of training them again;
+    # unless plausible synthetic CT + label pairs join its labeled cases or the schedule
+    # validates elsewhere than the baseline did (then it trains its own pre-training)
+    cfg, from_baseline = config.deepatlas, None
+    if not supervised_only and schedule_fits_baseline(cfg) is None:
+        pairs = cfg.synthetic_pairs and synthetic_pair_count(paths.synthetic) > 0
+        from_baseline = None if pairs else paths.baseline
     result = train_deepatlas(
         config.deepatlas,
         paths.train,
@@ -321,6 +331,7 @@ def _train_deepatlas(
         seed=config.seed,
         synthetic_dir=None if supervised_only else paths.synthetic,
         supervised_only=supervised_only,
+        from_baseline=from_baseline,
         resume=resume,
         reporter=reporter,
     )
