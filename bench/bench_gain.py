@@ -338,6 +338,7 @@ def train_and_score(job: dict) -> dict:
         seed=job["seed"],
         synthetic_dir=job["synthetic"],
         supervised_only=job["arm"].startswith("supervised"),
+        from_baseline=job["from_baseline"],
     )
     rows = score_run(job["run_dir"], job["test"], job["all_components"])
     report = {
@@ -350,9 +351,34 @@ def train_and_score(job: dict) -> dict:
     return {"key": job["key"], "rows": rows, "report": report}
 
 
+def run_jobs(jobs: list[dict], workers: int, record) -> None:
+    """Train ``jobs``, ``workers`` at a time; a job with ``after`` starts once that job is done."""
+    waiting = [j for j in jobs if j["after"] is not None]
+    if workers <= 1:
+        for job in [j for j in jobs if j["after"] is None] + waiting:
+            record(train_and_score(job))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        running = {pool.submit(train_and_score, j): j for j in jobs if j["after"] is None}
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key = running.pop(future)["key"]
+                record(future.result())
+                for job in [j for j in waiting if j["after"] == key]:
+                    waiting.remove(job)
+                    running[pool.submit(train_and_score, job)] = job
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bladdergen.config import load_config
+    from bladdergen.deepatlas.handoff import HANDOFF_NAME
+    from bladdergen.deepatlas.train import schedule_fits_baseline
 
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -362,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in args.arms if a not in SYNTHETIC_ARMS or args.synthetic is not None]
     base = load_config(args.profile, overrides=overrides(args))
     pool, test = make_data(args, base)
+    # DeepAtlas's supervised pre-training is the baseline's first updates (paired by design): the
+    # deepatlas arm starts from the supervised arm's hand-off instead of training them again
+    handoff = "supervised" in arms and schedule_fits_baseline(base.deepatlas) is None
     jobs = []
     for seed in args.seeds:
         for n in args.labeled:
@@ -386,25 +415,23 @@ def main(argv: list[str] | None = None) -> int:
                         "overrides": {**overrides(args), "seed": seed},
                         "synthetic": args.synthetic if arm in SYNTHETIC_ARMS else None,
                         "all_components": args.all_components,
+                        "from_baseline": None,
+                        "after": None,  # the key of the job whose hand-off this one takes
                     }
                 )
+                baseline = args.out / "runs" / f"n{n}_s{seed}_supervised"
+                if arm == "deepatlas" and handoff:
+                    pending = f"{n}/{seed}/supervised" not in results
+                    if pending or (baseline / HANDOFF_NAME).is_file():
+                        jobs[-1] |= {"from_baseline": baseline}
+                        jobs[-1] |= {"after": f"{n}/{seed}/supervised" if pending else None}
 
     def record(done: dict) -> None:
         results[done["key"]] = done["rows"]
         print(json.dumps(done["report"]), flush=True)
         results_path.write_text(json.dumps({"runs": results}, indent=1))
 
-    if args.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context) as workers:
-            for future in as_completed([workers.submit(train_and_score, j) for j in jobs]):
-                record(future.result())
-    else:
-        for job in jobs:
-            record(train_and_score(job))
+    run_jobs(jobs, args.jobs, record)
     table = summarise(results, arms, args.labeled, args.seeds, args.bootstrap)
     seconds = time.perf_counter() - started
     results_path.write_text(json.dumps({"runs": results, "table": table}, indent=1))

@@ -87,3 +87,14 @@ def test_compare_gain_pairs_one_arm_of_two_outputs_case_by_case(bench_gain):
     assert changed_entry["wall_dice_diff"][3] == 2
     assert changed_entry["tumor_dice_diff"][0] == pytest.approx(0.3)
     assert changed_entry["tumor_false_positive_rate"] == pytest.approx(1.0)
+
+
+def test_a_deepatlas_job_runs_after_the_baseline_whose_handoff_it_takes(bench_gain, monkeypatch):
+    order = []
+    monkeypatch.setattr(bench_gain, "train_and_score", lambda job: {"key": job["key"]})
+    jobs = [
+        {"key": "4/0/deepatlas", "after": "4/0/supervised"},
+        {"key": "4/0/supervised", "after": None},
+    ]
+    bench_gain.run_jobs(jobs, 1, lambda done: order.append(done["key"]))
+    assert order == ["4/0/supervised", "4/0/deepatlas"]
