@@ -388,3 +388,21 @@ def test_from_baseline_refuses_a_schedule_that_validates_off_the_baseline_s_upda
     ):
         train_deepatlas(cfg, tiny_dataset, tmp_path / "da", from_baseline=tmp_path / "sup")
     assert not (tmp_path / "da").exists()
+
+
+def test_a_run_from_the_baseline_killed_after_the_handoff_resumes_to_the_same_weights(
+    tiny_dataset, tmp_path
+):
+    # hand-off at step 2 -> 4, checkpoints every 3 steps and at the hand-off: killed at step 7
+    # (after the checkpoint at 6), resumed from 6
+    cfg = tiny_config(**{"deepatlas.max_steps": 10, "deepatlas.val_every": 2}).deepatlas
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "sup", supervised_only=True)
+    warm = {"from_baseline": tmp_path / "sup"}
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "straight", **warm)
+    with pytest.raises(KeyboardInterrupt):
+        train_deepatlas(cfg, tiny_dataset, tmp_path / "killed", reporter=_KillAt(7), **warm)
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "killed", resume=True, **warm)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert _records(tmp_path / "killed", 0) == _records(tmp_path / "straight", 0)
