@@ -21,7 +21,8 @@ seeds, with a seeded percentile bootstrap over test cases.
 Predictions are scored as ``segment`` writes them, only the largest connected bladder component
 kept; ``--all-components`` scores the raw predictions instead (``OUT/gain_all_components.*``).
 Writes ``OUT/gain.json`` (every number), ``OUT/gain.md`` (the table) and the run folders;
-``--summarise-only --rescore`` scores the trained runs again without training.
+``--summarise-only --rescore`` scores the trained runs again without training; with ``--final``
+their last weights instead of their best validation checkpoints (``OUT/gain_final.*``).
 
 The measurement docs/benchmarks.md reports (2 and 4 labeled x 3 seeds, two runs at once on the
 2-core CPU: ~100 min; supervised runs 7.5-8.5 min, DeepAtlas 16-21 min), then the table::
@@ -83,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="score raw predictions, every island kept (OUT/gain_all_components.*); default: "
         "the largest connected bladder component, as `segment` writes it",
+    )
+    parser.add_argument(
+        "--final",
+        action="store_true",
+        help="score each run's last weights (model.safetensors) instead of its best validation "
+        "checkpoint (OUT/gain_final.*): what the best-checkpoint choice adds or costs",
     )
     return parser.parse_args(argv)
 
@@ -161,10 +168,12 @@ def subset(pool: Path, out: Path, n_labeled: int, val_cases: int, seed: int) -> 
     return out
 
 
-def score_run(run_dir: Path, test: Path, all_components: bool = False) -> list[dict]:
-    """Per test case: wall and tumor scores of the run's best checkpoint (preprocessed grid),
-    post-processed as ``segment`` does (largest connected bladder component) unless
-    ``all_components``."""
+def score_run(
+    run_dir: Path, test: Path, all_components: bool = False, final: bool = False
+) -> list[dict]:
+    """Per test case: wall and tumor scores of the run's best checkpoint (its last weights with
+    ``final``) on the preprocessed grid, post-processed as ``segment`` does (largest connected
+    bladder component) unless ``all_components``."""
     import torch
 
     from bladdergen.data.dataset import PreprocessedSet
@@ -175,7 +184,7 @@ def score_run(run_dir: Path, test: Path, all_components: bool = False) -> list[d
     )
     from bladdergen.evaluate.seg import score_structure
 
-    net, _ = load_segmentation_model(run_dir, "cpu")
+    net, _ = load_segmentation_model(run_dir, "cpu", prefer_best=not final)
     dataset = PreprocessedSet.open(test)
     rows = []
     for case in dataset.labeled_cases:
@@ -293,7 +302,7 @@ def render(table: list[dict], args: argparse.Namespace, seconds: float) -> str:
         f"Seeds {args.seeds}, {args.test_cases} test phantoms, {args.unlabeled} unlabeled, "
         f"{args.val_cases} validation cases, overrides {args.set or 'none'}; "
         f"{'every predicted island' if args.all_components else 'largest bladder component'} "
-        f"scored; small tumors: < {SMALL_TUMOR_VOXELS} voxels on the preprocessed grid; "
+        f"of the {'last weights' if args.final else 'best validation checkpoint'} scored; small tumors: < {SMALL_TUMOR_VOXELS} voxels on the preprocessed grid; "
         f"{seconds / 60:.1f} min.",
     ]
     return "\n".join(lines) + "\n"
@@ -340,7 +349,7 @@ def train_and_score(job: dict) -> dict:
         supervised_only=job["arm"].startswith("supervised"),
         from_baseline=job["from_baseline"],
     )
-    rows = score_run(job["run_dir"], job["test"], job["all_components"])
+    rows = score_run(job["run_dir"], job["test"], job["all_components"], job["final"])
     report = {
         "run": job["key"],
         "train_seconds": round(time.perf_counter() - t0, 1),
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "gain_all_components" if args.all_components else "gain"
+    name = "gain" + ("_all_components" if args.all_components else "") + ("_final" * args.final)
     results_path = args.out / f"{name}.json"
     results = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
     arms = [a for a in args.arms if a not in SYNTHETIC_ARMS or args.synthetic is not None]
@@ -399,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{n}/{seed}/{arm}"
                 run_dir = args.out / "runs" / f"n{n}_s{seed}_{arm}"
                 if args.rescore and (run_dir / "best.safetensors").is_file():
-                    results[key] = score_run(run_dir, test, args.all_components)
+                    results[key] = score_run(run_dir, test, args.all_components, args.final)
                     continue
                 if key in results or args.summarise_only:
                     continue  # measured by an earlier, interrupted invocation
@@ -415,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                         "overrides": {**overrides(args), "seed": seed},
                         "synthetic": args.synthetic if arm in SYNTHETIC_ARMS else None,
                         "all_components": args.all_components,
+                        "final": args.final,
                         "from_baseline": None,
                         "after": None,  # the key of the job whose hand-off this one takes
                     }
