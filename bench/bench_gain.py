@@ -34,8 +34,8 @@ The measurement docs/benchmarks.md reports (2 and 4 labeled x 3 seeds, two runs 
 
 The deepatlas arm starts from its supervised arm's run (``train-deepatlas --from-baseline``: the
 same weights as training its supervised pre-training again, in 444-663 s per DeepAtlas run where
-full 4-labeled runs took 667-726 s);
-its job waits for that run. Budget overrides go in as ``--set key=value`` (e.g. ``--set deepatlas.max_steps=700``).
+full 4-labeled runs took 667-726 s); its job waits for that run. Budget overrides go in as
+``--set key=value`` (e.g. ``--set deepatlas.max_steps=700``).
 """
 
 from __future__ import annotations
