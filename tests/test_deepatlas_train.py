@@ -406,3 +406,12 @@ def test_a_run_from_the_baseline_killed_after_the_handoff_resumes_to_the_same_we
     resumed = load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert _records(tmp_path / "killed", 0) == _records(tmp_path / "straight", 0)
+
+
+def test_from_baseline_refuses_a_supervised_only_run(tiny_dataset, tmp_path):
+    cfg = tiny_config(**{"deepatlas.max_steps": 8, "deepatlas.val_every": 2}).deepatlas
+    with pytest.raises(InputError, match="drop --supervised-only"):
+        train_deepatlas(
+            cfg, tiny_dataset, tmp_path / "b", supervised_only=True, from_baseline=tmp_path / "a"
+        )
+    assert not (tmp_path / "b").exists()

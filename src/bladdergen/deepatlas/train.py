@@ -164,10 +164,14 @@ def train_deepatlas(
     """
     mode = MODE_SUPERVISED if supervised_only else MODE_DEEPATLAS
     check_budget(cfg, supervised_only)
-    if from_baseline is not None and supervised_only:
-        raise InputError("--from-baseline starts DeepAtlas from a baseline; drop --supervised-only")
-    if from_baseline is not None and schedule_fits_baseline(cfg) is not None:
-        raise InputError(f"--from-baseline: {schedule_fits_baseline(cfg)}")
+    if from_baseline is not None:
+        if supervised_only:
+            raise InputError(
+                "--from-baseline starts DeepAtlas from a baseline; drop --supervised-only"
+            )
+        obstacle = schedule_fits_baseline(cfg)
+        if obstacle is not None:
+            raise InputError(f"--from-baseline: {obstacle}")
     runtime = start_runtime(cfg.device)
     disable_tf32()
 
