@@ -343,16 +343,31 @@ def _records(run_dir, from_step):
     ]
 
 
-@pytest.mark.parametrize("augment", [False, True])
+# Settings only the registration net and the alternating phase use: a baseline trained without
+# them still hands off DeepAtlas's own pre-training.
+_DEEPATLAS_ONLY = {
+    "deepatlas.anatomy_weight": 0.5,
+    "deepatlas.reg_augment_weight": 0.0,
+    "deepatlas.lncc_kernel": 3,
+    "deepatlas.reg_lr": 1e-3,
+    "deepatlas.reg_steps_per_cycle": 3,
+}
+
+
+@pytest.mark.parametrize(
+    ("augment", "deepatlas_only"), [(False, {}), (True, {}), (False, _DEEPATLAS_ONLY)]
+)
 def test_deepatlas_from_the_baseline_s_handoff_ends_with_the_weights_of_a_full_run(
-    tiny_dataset, tmp_path, augment
+    tiny_dataset, tmp_path, augment, deepatlas_only
 ):
     """--from-baseline skips the supervised pre-training and loses nothing: final and best
-    weights and every record from the hand-off's validation on equal a run that trained it."""
+    weights and every record from the hand-off's validation on equal a run that trained it,
+    also when the baseline ran with other registration / alternating-phase settings."""
     extra = {"deepatlas.max_steps": 12, "deepatlas.val_every": 2, "deepatlas.seg_augment": augment}
-    cfg = tiny_config(**extra).deepatlas
+    cfg = tiny_config(**extra, **deepatlas_only).deepatlas
     train_deepatlas(cfg, tiny_dataset, tmp_path / "full")
-    train_deepatlas(cfg, tiny_dataset, tmp_path / "sup", supervised_only=True)
+    baseline = tiny_config(**extra).deepatlas
+    train_deepatlas(baseline, tiny_dataset, tmp_path / "sup", supervised_only=True)
     train_deepatlas(cfg, tiny_dataset, tmp_path / "warm", from_baseline=tmp_path / "sup")
     for name in ("model.safetensors", "best.safetensors"):
         full, warm = load_file(tmp_path / "full" / name), load_file(tmp_path / "warm" / name)

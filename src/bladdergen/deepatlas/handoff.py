@@ -26,8 +26,18 @@ from bladdergen.engine.run import METRICS_NAME, unwrap
 from bladdergen.errors import CheckpointError, InputError
 
 HANDOFF_NAME = "pretraining_handoff.pt"
-# Settings that cannot change what the first seg_pretrain_steps supervised updates compute.
+# Settings that cannot change what the first seg_pretrain_steps supervised updates compute: run
+# bookkeeping, and everything only the registration net or the alternating phase uses (F_S is
+# built before F_R from the seed, the supervised draws are keyed by the segmentation update, and
+# schedule_fits_baseline keeps validation on the baseline's updates whatever reg_pretrain_steps
+# is). So one baseline serves DeepAtlas runs that differ in these (an ablation of the anatomy
+# term, say), each still bit-identical to training its own pre-training (tested).
 _FREE_KEYS = {"max_steps", "device", "checkpoint_every", "log_every", "cache_volumes", "sw_overlap"}
+_FREE_KEYS |= {"reg_filters", "reg_inplane_levels", "reg_inplane_downsample", "reg_lr"}
+_FREE_KEYS |= {"diffeomorphic", "integration_steps", "lncc_kernel", "lncc_scales", "reg_weight"}
+_FREE_KEYS |= {"prealign", "anatomy_weight", "anatomy_filled_bladder", "anatomy_gate_margin"}
+_FREE_KEYS |= {"reg_augment_weight", "synthetic_filter", "reg_pretrain_steps"}
+_FREE_KEYS |= {"reg_steps_per_cycle", "seg_steps_per_cycle"}
 
 
 def handoff_identity(
