@@ -35,7 +35,9 @@ The measurement docs/benchmarks.md reports (2 and 4 labeled x 3 seeds, two runs 
 The deepatlas arm starts from its supervised arm's run (``train-deepatlas --from-baseline``: the
 same weights as training its supervised pre-training again, in 444-663 s per DeepAtlas run where
 full 4-labeled runs took 667-726 s); its job waits for that run. Budget overrides go in as
-``--set key=value`` (e.g. ``--set deepatlas.max_steps=700``).
+``--set key=value`` (e.g. ``--set deepatlas.max_steps=700``). An ablation of a setting only
+DeepAtlas uses (``anatomy_weight``, ``reg_augment_weight``, ...) reuses an earlier output's
+baselines, data and subsets with ``--baselines EARLIER_OUT`` and trains only the deepatlas arm.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--baselines",
+        type=Path,
+        default=None,
+        help="take the supervised arm from this earlier OUT instead of training it: its rows, "
+        "run folders (the deepatlas arm starts from their hand-offs), data and subsets",
+    )
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once (one core each)")
     parser.add_argument(
@@ -165,10 +174,16 @@ def subset(pool: Path, out: Path, n_labeled: int, val_cases: int, seed: int) -> 
         else:
             entry["label"] = None
         cases.append(entry)
-    (out / "manifest.json").write_text(json.dumps({**manifest, "cases": cases}, indent=1))
+    # written only when new or changed: --baselines reads another OUT's subsets, never writes them
+    _write_if_changed(out / "manifest.json", json.dumps({**manifest, "cases": cases}, indent=1))
     if (pool / "config.yaml").is_file():
-        (out / "config.yaml").write_text((pool / "config.yaml").read_text())
+        _write_if_changed(out / "config.yaml", (pool / "config.yaml").read_text())
     return out
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def score_run(
@@ -332,6 +347,21 @@ def table_lines(table: list[dict]) -> list[str]:
     return lines
 
 
+def take_baselines(other: Path, labeled: list[int], seeds: list[int]) -> dict:
+    """The supervised arm's scored runs of another bench_gain OUT (``--baselines``), every one
+    this invocation needs, or SystemExit naming the first missing."""
+    path = other / "gain.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+    taken = {}
+    for n in labeled:
+        for seed in seeds:
+            key = f"{n}/{seed}/supervised"
+            if key not in runs:
+                raise SystemExit(f"--baselines {other}: {path} has no run {key}")
+            taken[key] = runs[key]
+    return taken
+
+
 def train_and_score(job: dict) -> dict:
     """One arm of one (labeled count, seed): train it, score its best checkpoint on the test set.
     Runs in a worker process with ``--jobs`` > 1 (spawned: a forked torch can deadlock)."""
@@ -399,17 +429,26 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
     arms = [a for a in args.arms if a not in SYNTHETIC_ARMS or args.synthetic is not None]
     base = load_config(args.profile, overrides=overrides(args))
-    pool, test = make_data(args, base)
+    # with --baselines the data, subsets and supervised runs are the other folder's
+    source = args.baselines or args.out
+    if args.baselines is not None:
+        results |= take_baselines(args.baselines, args.labeled, args.seeds)
+        arms = list(dict.fromkeys(["supervised", *arms]))
+        data_args = argparse.Namespace(**{**vars(args), "out": args.baselines})
+        pool, test = make_data(data_args, base)
+    else:
+        pool, test = make_data(args, base)
     # DeepAtlas's supervised pre-training is the baseline's first updates (paired by design): the
     # deepatlas arm starts from the supervised arm's hand-off instead of training them again
     handoff = "supervised" in arms and schedule_fits_baseline(base.deepatlas) is None
     jobs = []
     for seed in args.seeds:
         for n in args.labeled:
-            data = subset(pool, args.out / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
+            data = subset(pool, source / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
             for arm in arms:
                 key = f"{n}/{seed}/{arm}"
-                run_dir = args.out / "runs" / f"n{n}_s{seed}_{arm}"
+                home = source if arm == "supervised" else args.out
+                run_dir = home / "runs" / f"n{n}_s{seed}_{arm}"
                 if args.rescore and (run_dir / "best.safetensors").is_file():
                     results[key] = score_run(run_dir, test, args.all_components, args.final)
                     continue
@@ -432,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                         "after": None,  # the key of the job whose hand-off this one takes
                     }
                 )
-                baseline = args.out / "runs" / f"n{n}_s{seed}_supervised"
+                baseline = source / "runs" / f"n{n}_s{seed}_supervised"
                 if arm == "deepatlas" and handoff:
                     pending = f"{n}/{seed}/supervised" not in results
                     if pending or (baseline / HANDOFF_NAME).is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -98,3 +99,13 @@ def test_a_deepatlas_job_runs_after_the_baseline_whose_handoff_it_takes(bench_ga
     ]
     bench_gain.run_jobs(jobs, 1, lambda done: order.append(done["key"]))
     assert order == ["4/0/supervised", "4/0/deepatlas"]
+
+
+def test_baselines_of_another_output_are_taken_only_for_the_supervised_arm(bench_gain, tmp_path):
+    rows = [_row("a", 0, None, False)]
+    runs = {"4/0/supervised": rows, "4/1/supervised": rows, "4/0/deepatlas": rows}
+    (tmp_path / "gain.json").write_text(json.dumps({"runs": runs}))
+    taken = bench_gain.take_baselines(tmp_path, [4], [0, 1])
+    assert taken == {"4/0/supervised": rows, "4/1/supervised": rows}
+    with pytest.raises(SystemExit, match="no run 2/0/supervised"):
+        bench_gain.take_baselines(tmp_path, [2, 4], [0])
