@@ -235,6 +235,25 @@ def test_anatomy_gate_stays_closed_when_only_the_wall_beats_the_identity():
     assert not registration_beats_identity(_validation(0.133, 0.072, 0.21, 0.227), cfg)
 
 
+def test_anatomy_gate_against_the_segmenter_needs_warped_labels_as_good_as_its_own():
+    cfg = tiny_config(**{"deepatlas.anatomy_gate_segmenter": True}).deepatlas
+    beats_identity = _validation(0.5, 0.1, 0.7, 0.4)
+    # warped labels 0.5 / 0.7 against F_S's own 0.74 / 0.9: closed; against 0.45 / 0.65: open
+    assert not registration_beats_identity(
+        {**beats_identity, "dice_wall": 0.74, "dice_bladder": 0.9}, cfg
+    )
+    assert not registration_beats_identity(
+        {**beats_identity, "dice_wall": 0.45, "dice_bladder": 0.9}, cfg
+    )
+    assert registration_beats_identity(
+        {**beats_identity, "dice_wall": 0.45, "dice_bladder": 0.65}, cfg
+    )
+    cfg.anatomy_gate_segmenter = False
+    assert registration_beats_identity(
+        {**beats_identity, "dice_wall": 0.74, "dice_bladder": 0.9}, cfg
+    )
+
+
 @pytest.mark.parametrize("augment", [False, True])
 def test_deepatlas_pretraining_gives_the_baseline_s_segmentation_net(
     tiny_dataset, tmp_path, augment

@@ -41,7 +41,9 @@ class DeepAtlasConfig:
 
     Gate: the segmentation-phase anatomy term is on only while the last validation found the
     registration's warped-label Dice above the identity's by ``anatomy_gate_margin`` for both the
-    wall and the filled bladder.
+    wall and the filled bladder; with ``anatomy_gate_segmenter`` also only while those warped
+    labels are at least as accurate as F_S's own validation prediction (wall and filled bladder):
+    below that, the anatomy term's targets are worse than what F_S already predicts.
     ``reg_augment_weight``: registration as augmentation, a labeled image and its label warped onto
     the other image of a segmentation pair, as an extra supervised pair (0 turns it off).
     ``seg_augment``: every supervised image (pre-training, the baseline and the labeled images of
@@ -87,6 +89,7 @@ class DeepAtlasConfig:
     anatomy_weight: float = 2.0
     anatomy_filled_bladder: bool = True
     anatomy_gate_margin: float = 0.02
+    anatomy_gate_segmenter: bool = False
     supervised_weight: float = 3.0
     class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
     tumor_case_fraction: float = 0.5

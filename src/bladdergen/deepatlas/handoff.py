@@ -36,6 +36,7 @@ _FREE_KEYS = {"max_steps", "device", "checkpoint_every", "log_every", "cache_vol
 _FREE_KEYS |= {"reg_filters", "reg_inplane_levels", "reg_inplane_downsample", "reg_lr"}
 _FREE_KEYS |= {"diffeomorphic", "integration_steps", "lncc_kernel", "lncc_scales", "reg_weight"}
 _FREE_KEYS |= {"prealign", "anatomy_weight", "anatomy_filled_bladder", "anatomy_gate_margin"}
+_FREE_KEYS |= {"anatomy_gate_segmenter"}
 _FREE_KEYS |= {"reg_augment_weight", "synthetic_filter", "reg_pretrain_steps"}
 _FREE_KEYS |= {"reg_steps_per_cycle", "seg_steps_per_cycle"}
 
@@ -118,7 +119,9 @@ def read_handoff(baseline_dir: Path, identity: dict[str, Any]) -> dict[str, Any]
                 f"{path}: the baseline ran with {key} {recorded.get(key)!r}, this run has "
                 f"{identity[key]!r}; --from-baseline needs the same seed, data and split"
             )
-    theirs, ours = recorded.get("settings", {}), identity["settings"]
+    # a hand-off written by an older version also recorded keys since found free: not compared
+    theirs = {k: v for k, v in recorded.get("settings", {}).items() if k not in _FREE_KEYS}
+    ours = identity["settings"]
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
         shown = ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in differ[:4])

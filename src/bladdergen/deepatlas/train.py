@@ -443,13 +443,23 @@ def registration_beats_identity(validation: dict[str, Any], cfg: DeepAtlasConfig
     (identity ~0.06), so a field that shifts the shells a little clears the margin on the wall
     while the bladders it aligns overlap no better than unmoved (measured on phantoms:
     wall 0.13 vs 0.07, filled bladder 0.19-0.25 vs 0.23), and the anatomy term then taught
-    F_S misplaced walls."""
-    for key in ("registration_dice", "registration_dice_bladder"):
+    F_S misplaced walls.
+
+    With ``cfg.anatomy_gate_segmenter`` the warped labels must also overlap the truth at least as
+    well as F_S's own prediction does (``dice_wall``, ``dice_bladder``): the anatomy term makes
+    warped labels F_S's targets on unlabeled images, and targets less accurate than F_S's own
+    output can only pull it down."""
+    for key, own in (
+        ("registration_dice", "dice_wall"),
+        ("registration_dice_bladder", "dice_bladder"),
+    ):
         registered = validation.get(key)
         identity = validation.get(key.replace("registration", "identity"))
         if registered is None or identity is None:
             return False
         if registered < identity + cfg.anatomy_gate_margin:
+            return False
+        if cfg.anatomy_gate_segmenter and registered < (validation.get(own) or 0.0):
             return False
     return True
 
@@ -703,6 +713,7 @@ def validate(
     """
     seg_net.eval()
     wall, tumor, reg_dice, identity, reg_bladder, identity_bladder, folding = ([] for _ in range(7))
+    seg_bladder = []
     for index in range(len(val_images.items)):
         image = val_images.images([index], runtime.device)
         truth = val_images.labels([index], runtime.device)[0, 0]
@@ -717,6 +728,7 @@ def validate(
             target_truth = train_images.labels([partner], runtime.device)[0, 0]
             mask_m = torch.from_numpy(filled_bladder(predicted.cpu().numpy()))[None]
             mask_t = torch.from_numpy(filled_bladder(target_truth.cpu().numpy()))[None]
+            seg_bladder.append(_mask_dice(mask_m[0].numpy(), filled_bladder(truth.cpu().numpy())))
             mask_m, mask_t = mask_m.to(runtime.device), mask_t.to(runtime.device)
             field = _pair_field(reg_net, warper, image, target, mask_m, mask_t, prealign, runtime)
             warped = warper(one_hot(truth[None, None]), field).argmax(dim=1)[0]
@@ -741,6 +753,7 @@ def validate(
         result["identity_dice"] = _nanmean(identity)
         result["registration_dice_bladder"] = _nanmean(reg_bladder)
         result["identity_dice_bladder"] = _nanmean(identity_bladder)
+        result["dice_bladder"] = _nanmean(seg_bladder)  # F_S's own, beside registration's
         result["folding"] = float(np.mean(folding))
     return result
 
