@@ -36,6 +36,17 @@ def test_yaml_file_overrides_profile_and_dotted_overrides_win(tmp_path: Path):
     assert config.preprocess.target_depth == 20
 
 
+def test_command_defaults_sit_over_their_profile_and_under_the_file(tmp_path: Path):
+    defaults = {"tiny": {"vqgan.max_steps": 300, "ldm.max_steps": 600}}
+    tiny = load_config("tiny", defaults=defaults)
+    assert (tiny.vqgan.max_steps, tiny.ldm.max_steps) == (300, 600)
+    assert load_config("paper", defaults=defaults).vqgan.max_steps == 100_000  # other profile
+    path = tmp_path / "run.yaml"
+    path.write_text("vqgan:\n  max_steps: 350\n")
+    from_file = load_config("tiny", path, overrides={"ldm.max_steps": 700}, defaults=defaults)
+    assert (from_file.vqgan.max_steps, from_file.ldm.max_steps) == (350, 700)
+
+
 def test_unknown_key_is_an_error_naming_the_key(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("preprocess:\n  target_dept: 16\n")

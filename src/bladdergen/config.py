@@ -89,15 +89,19 @@ def load_config(
     profile: str | None = None,
     config_path: Path | None = None,
     overrides: dict[str, Any] | None = None,
+    defaults: dict[str, dict[str, Any]] | None = None,
 ) -> PipelineConfig:
     """Resolve profile + YAML file + dotted overrides (``None`` values are ignored) into a config.
 
     The profile is taken from the argument, else from the file's ``profile`` key, else ``paper``.
+    ``defaults``: per profile, dotted settings a command puts over the profile's own (the file
+    and the overrides still win), e.g. ``demo``'s shorter generator budgets.
     """
     file_data = read_yaml_mapping(config_path) if config_path is not None else {}
     chosen = profile or file_data.get("profile") or "paper"
     where = str(config_path) if config_path is not None else "config"
     mapping = profile_mapping(chosen)
+    mapping = _merge(mapping, _dotted_to_nested((defaults or {}).get(chosen, {})))
     file_data = {k: v for k, v in file_data.items() if k != "profile"}
     mapping = _merge(mapping, file_data)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}

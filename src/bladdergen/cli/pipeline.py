@@ -63,7 +63,7 @@ def demo(
     """
     from bladdergen.config import load_config
     from bladdergen.errors import InputError
-    from bladdergen.pipeline.demo import DemoPlan, run_demo
+    from bladdergen.pipeline.demo import DEMO_DEFAULTS, DemoPlan, run_demo
 
     if unlabeled_cases > train_cases - 3:
         raise InputError(
@@ -73,7 +73,7 @@ def demo(
     overrides = {"seed": seed}
     for section in ("vqgan", "ldm", "sample", "deepatlas"):
         overrides[f"{section}.device"] = device
-    settings = load_config(profile, config, overrides=overrides)
+    settings = load_config(profile, config, overrides=overrides, defaults=DEMO_DEFAULTS)
     plan = DemoPlan(
         train_cases=train_cases,
         unlabeled_cases=unlabeled_cases,
