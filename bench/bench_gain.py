@@ -472,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                         "final": args.final,
                         "from_baseline": None,
                         "after": None,  # the key of the job whose hand-off this one takes
-                        # the cores shared out (on 2 cores DeepAtlas runs go faster two at a
-                        # time on one core each: 444-663 s apiece, against ~650 s alone on both)
+                        # the cores shared out between the runs at once
                         "threads": max(1, (os.cpu_count() or 1) // max(1, args.jobs)),
                     }
                 )

@@ -248,6 +248,7 @@ def test_anatomy_gate_against_the_segmenter_needs_warped_labels_as_good_as_its_o
     assert registration_beats_identity(
         {**beats_identity, "dice_wall": 0.45, "dice_bladder": 0.65}, cfg
     )
+    assert not registration_beats_identity(beats_identity, cfg)  # no score of F_S's own
     cfg.anatomy_gate_segmenter = False
     assert registration_beats_identity(
         {**beats_identity, "dice_wall": 0.74, "dice_bladder": 0.9}, cfg

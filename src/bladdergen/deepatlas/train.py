@@ -459,7 +459,8 @@ def registration_beats_identity(validation: dict[str, Any], cfg: DeepAtlasConfig
             return False
         if registered < identity + cfg.anatomy_gate_margin:
             return False
-        if cfg.anatomy_gate_segmenter and registered < (validation.get(own) or 0.0):
+        own_dice = validation.get(own)  # no score of F_S's own: nothing shows the labels better
+        if cfg.anatomy_gate_segmenter and (own_dice is None or registered < own_dice):
             return False
     return True
 
@@ -728,7 +729,8 @@ def validate(
             target_truth = train_images.labels([partner], runtime.device)[0, 0]
             mask_m = torch.from_numpy(filled_bladder(predicted.cpu().numpy()))[None]
             mask_t = torch.from_numpy(filled_bladder(target_truth.cpu().numpy()))[None]
-            seg_bladder.append(_mask_dice(mask_m[0].numpy(), filled_bladder(truth.cpu().numpy())))
+            truth_bladder = filled_bladder(truth.cpu().numpy())
+            seg_bladder.append(_mask_dice(mask_m[0].numpy(), truth_bladder))
             mask_m, mask_t = mask_m.to(runtime.device), mask_t.to(runtime.device)
             field = _pair_field(reg_net, warper, image, target, mask_m, mask_t, prealign, runtime)
             warped = warper(one_hot(truth[None, None]), field).argmax(dim=1)[0]
@@ -737,9 +739,7 @@ def validate(
             reg_bladder.append(
                 _mask_dice(filled_bladder(warped.cpu().numpy()), mask_t[0].cpu().numpy())
             )
-            identity_bladder.append(
-                _mask_dice(filled_bladder(truth.cpu().numpy()), mask_t[0].cpu().numpy())
-            )
+            identity_bladder.append(_mask_dice(truth_bladder, mask_t[0].cpu().numpy()))
             folding.append(folding_fraction(field))
     result = {
         "dice_wall": _nanmean(wall),
