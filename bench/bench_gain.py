@@ -52,6 +52,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import machine_description  # noqa: E402  (the sibling script: one machine line)
+
 ARMS = ("supervised", "supervised+pairs", "deepatlas", "deepatlas+synthetic")
 SYNTHETIC_ARMS = ("supervised+pairs", "deepatlas+synthetic")
 # Tumors below this many voxels (about a sphere of radius 2.3 voxels, ~7 mm at the tiny profile's
@@ -325,6 +328,8 @@ def render(table: list[dict], args: argparse.Namespace, seconds: float) -> str:
         f"{'every predicted island' if args.all_components else 'largest bladder component'} "
         f"of the {'last weights' if args.final else 'best validation checkpoint'} scored; small tumors: < {SMALL_TUMOR_VOXELS} voxels on the preprocessed grid; "
         f"{seconds / 60:.1f} min.",
+        "",
+        f"Machine: {machine_description()}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -56,7 +56,10 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
 
 
 def machine_description() -> str:
-    """CPU model, cores, memory, GPU and library versions, as one Markdown paragraph."""
+    """CPU model, cores, memory, GPU and library versions, as one Markdown paragraph.
+
+    The CPU capability (AVX2, AVX512) is PyTorch's kernel choice: the same runs took twice as
+    long on an AVX2-only host and trained to different weights (docs/benchmarks.md, Demo)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -77,7 +80,8 @@ def machine_description() -> str:
     load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
     return (
         f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}{load}."
+        f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()})"
+        f"{load}."
     )
 
 
