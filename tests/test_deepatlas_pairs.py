@@ -23,6 +23,31 @@ def test_segmentation_pairs_never_join_two_unlabeled_images():
     assert seen == {(True, True), (True, False), (False, True)}
 
 
+def _first_labeled(pair, n_labeled):
+    moving, target = pair
+    return moving if moving < n_labeled else target
+
+
+def test_pair_tumor_sampling_draws_tumor_cases_at_the_supervised_rate():
+    # 4 labeled cases, case 2 the only tumor case: the pair's first labeled image is case 2 with
+    # probability 0.5 (the tumor draw) + 0.5 * 1/4 (the uniform draw) = 0.625
+    pairs = [
+        p
+        for s in range(4000)
+        for p in segmentation_pairs(step_rng(2, s), 4, 6, 1, tumor_cases=[2], tumor_fraction=0.5)
+    ]
+    share = sum(_first_labeled(p, 4) == 2 for p in pairs) / len(pairs)
+    assert abs(share - 0.625) < 0.025  # binomial sd over 4000 draws: 0.0077
+    assert all(m != t and (m < 4 or t < 4) for m, t in pairs)
+
+
+def test_pair_tumor_sampling_off_leaves_the_uniform_pairs_unchanged():
+    for step in range(50):
+        uniform = segmentation_pairs(step_rng(4, step), 3, 5, 2)
+        assert segmentation_pairs(step_rng(4, step), 3, 5, 2, tumor_cases=[1]) == uniform
+        assert segmentation_pairs(step_rng(4, step), 3, 5, 2, None, 0.5) == uniform
+
+
 def test_registration_pairs_cover_all_ordered_pairs_but_never_an_image_with_itself():
     pairs = [p for s in range(200) for p in registration_pairs(step_rng(3, s), 3, 2)]
     assert all(m != t for m, t in pairs)

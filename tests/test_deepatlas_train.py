@@ -371,6 +371,7 @@ _DEEPATLAS_ONLY = {
     "deepatlas.lncc_kernel": 3,
     "deepatlas.reg_lr": 1e-3,
     "deepatlas.reg_steps_per_cycle": 3,
+    "deepatlas.pair_tumor_sampling": True,
 }
 
 

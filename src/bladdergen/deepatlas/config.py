@@ -37,7 +37,8 @@ class DeepAtlasConfig:
     ``anatomy_filled_bladder`` compares wall and filled bladder (wall ∪ lumen ∪ tumor) instead of
     the three classes. The supervised term is foreground-only batch Dice + cross-entropy weighted
     by ``class_weights`` (background, wall, tumor); ``tumor_case_fraction`` of the supervised draws
-    pick a labeled case that has a tumor.
+    pick a labeled case that has a tumor, and with ``pair_tumor_sampling`` so do the labeled images
+    of the alternating phase's pairs (else those are uniform over the labeled cases).
 
     Gate: the segmentation-phase anatomy term is on only while the last validation found the
     registration's warped-label Dice above the identity's by ``anatomy_gate_margin`` for both the
@@ -93,6 +94,7 @@ class DeepAtlasConfig:
     supervised_weight: float = 3.0
     class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
     tumor_case_fraction: float = 0.5
+    pair_tumor_sampling: bool = False
     reg_augment_weight: float = 1.0
     seg_augment: bool = False
     augment_rotation_deg: float = 15.0

@@ -76,11 +76,19 @@ def registration_pairs(
 
 
 def segmentation_pairs(
-    rng: np.random.Generator, n_labeled: int, n_unlabeled: int, count: int
+    rng: np.random.Generator,
+    n_labeled: int,
+    n_unlabeled: int,
+    count: int,
+    tumor_cases: list[int] | None = None,
+    tumor_fraction: float = 0.0,
 ) -> list[tuple[int, int]]:
     """``count`` ordered pairs with at least one labeled image, uniform over all such pairs.
 
     Labeled images are ``0 .. n_labeled-1``, unlabeled ``n_labeled .. n_labeled+n_unlabeled-1``.
+    With ``tumor_cases`` and ``tumor_fraction`` > 0, the pair's first labeled image is one of
+    ``tumor_cases`` with probability ``tumor_fraction`` (else uniform), as the supervised draws
+    are; without them no extra random number is drawn, so the pairs are those of uniform draws.
     """
     both = n_labeled * (n_labeled - 1)  # 11: labeled moving, labeled target
     one = n_labeled * n_unlabeled  # 10 and 01 each
@@ -93,6 +101,8 @@ def segmentation_pairs(
     for _ in range(count):
         pick = int(rng.integers(total))
         labeled = int(rng.integers(n_labeled))
+        if tumor_cases and tumor_fraction > 0 and rng.random() < tumor_fraction:
+            labeled = tumor_cases[int(rng.integers(len(tumor_cases)))]
         if pick < both:
             other = int(rng.integers(n_labeled - 1))
             other += other >= labeled

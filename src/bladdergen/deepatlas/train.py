@@ -588,7 +588,10 @@ def _segmentation_step(
         return {"loss": float(loss.detach()), "supervised": float(loss.detach())}
 
     n_unlabeled = len(images.items) - images.n_labeled
-    pairs = segmentation_pairs(rng, images.n_labeled, n_unlabeled, cfg.batch_size)
+    tumors = images.tumor_cases() if cfg.pair_tumor_sampling else None
+    pairs = segmentation_pairs(
+        rng, images.n_labeled, n_unlabeled, cfg.batch_size, tumors, cfg.tumor_case_fraction
+    )
     moving_idx, target_idx = [p[0] for p in pairs], [p[1] for p in pairs]
     moving = images.images(moving_idx, rt.device)
     target = images.images(target_idx, rt.device)
