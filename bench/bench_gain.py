@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -370,25 +371,42 @@ def take_baselines(other: Path, labeled: list[int], seeds: list[int]) -> dict:
     return taken
 
 
+def job_threads(jobs: int) -> int:
+    """Torch threads per training run: ``OMP_NUM_THREADS`` when set (two bench_gain.py at once
+    on 2 cores each need 1, or they oversubscribe the cores: 3.5x slower per step, measured),
+    else the cores shared between the ``jobs`` runs at once."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
 def train_and_score(job: dict) -> dict:
     """One arm of one (labeled count, seed): train it, score its best checkpoint on the test set.
     Runs in a worker process with ``--jobs`` > 1 (spawned: a forked torch can deadlock)."""
     import torch
 
+    from bladdergen.checkpoint import STATE_NAME
     from bladdergen.config import load_config
     from bladdergen.deepatlas.train import train_deepatlas
 
     torch.set_num_threads(job["threads"])
     t0 = time.perf_counter()
     config = load_config(job["profile"], overrides=job["overrides"])
+    run_dir = Path(job["run_dir"])
+    # a bench killed mid-run continues each run from its last checkpoint (bit-identical to an
+    # uninterrupted run); one killed before its first checkpoint starts again
+    resume = (run_dir / STATE_NAME).is_file()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
     summary = train_deepatlas(
         config.deepatlas,
         job["data"],
-        job["run_dir"],
+        run_dir,
         seed=job["seed"],
         synthetic_dir=job["synthetic"],
         supervised_only=job["arm"].startswith("supervised"),
         from_baseline=job["from_baseline"],
+        resume=resume,
     )
     rows = score_run(job["run_dir"], job["test"], job["all_components"], job["final"])
     report = {
@@ -478,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                         "from_baseline": None,
                         "after": None,  # the key of the job whose hand-off this one takes
                         # the cores shared out between the runs at once
-                        "threads": max(1, (os.cpu_count() or 1) // max(1, args.jobs)),
+                        "threads": job_threads(args.jobs),
                     }
                 )
                 baseline = source / "runs" / f"n{n}_s{seed}_supervised"

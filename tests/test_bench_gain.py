@@ -109,3 +109,12 @@ def test_baselines_of_another_output_are_taken_only_for_the_supervised_arm(bench
     assert taken == {"4/0/supervised": rows, "4/1/supervised": rows}
     with pytest.raises(SystemExit, match="no run 2/0/supervised"):
         bench_gain.take_baselines(tmp_path, [2, 4], [0])
+
+
+def test_threads_per_run_follow_omp_num_threads_else_share_the_cores(bench_gain, monkeypatch):
+    monkeypatch.setattr(bench_gain.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert bench_gain.job_threads(1) == 1  # two bench_gain.py at once must not take 8 each
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert bench_gain.job_threads(1) == 8
+    assert bench_gain.job_threads(3) == 2  # 8 cores // 3 runs
