@@ -394,7 +394,8 @@ def train_and_score(job: dict) -> dict:
     config = load_config(job["profile"], overrides=job["overrides"])
     run_dir = Path(job["run_dir"])
     # a bench killed mid-run continues each run from its last checkpoint (bit-identical to an
-    # uninterrupted run); one killed before its first checkpoint starts again
+    # uninterrupted run with the same thread count); one killed before its first checkpoint
+    # starts again
     resume = (run_dir / STATE_NAME).is_file()
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)

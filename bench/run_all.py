@@ -58,8 +58,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
 def machine_description() -> str:
     """CPU model, cores, memory, GPU and library versions, as one Markdown paragraph.
 
-    The CPU capability (AVX2, AVX512) is PyTorch's kernel choice: the same runs took twice as
-    long on an AVX2-only host and trained to different weights (docs/benchmarks.md, Demo)."""
+    The CPU capability (AVX2, AVX512) is PyTorch's kernel choice: the same training took twice
+    as long on an AVX2 host as on an earlier, unrecorded one, and reached different weights
+    (docs/benchmarks.md, Demo)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
