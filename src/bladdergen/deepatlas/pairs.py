@@ -101,8 +101,8 @@ def segmentation_pairs(
     for _ in range(count):
         pick = int(rng.integers(total))
         labeled = int(rng.integers(n_labeled))
-        if tumor_cases and tumor_fraction > 0 and rng.random() < tumor_fraction:
-            labeled = tumor_cases[int(rng.integers(len(tumor_cases)))]
+        if tumor_cases and tumor_fraction > 0:
+            labeled = tumor_or(rng, labeled, tumor_cases, tumor_fraction)
         if pick < both:
             other = int(rng.integers(n_labeled - 1))
             other += other >= labeled
@@ -114,6 +114,14 @@ def segmentation_pairs(
         else:
             pairs.append((unlabeled, labeled))
     return pairs
+
+
+def tumor_or(rng: np.random.Generator, index: int, tumor_cases: list[int], fraction: float) -> int:
+    """One of ``tumor_cases`` (uniform) with probability ``fraction``, else ``index``: the
+    tumor-aware draw of supervised batches and, optionally, of segmentation pairs."""
+    if rng.random() < fraction:
+        return tumor_cases[int(rng.integers(len(tumor_cases)))]
+    return index
 
 
 def labeled_batch(rng: np.random.Generator, n_labeled: int, count: int) -> list[int]:

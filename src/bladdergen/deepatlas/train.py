@@ -49,6 +49,7 @@ from bladdergen.deepatlas.pairs import (
     segmentation_pairs,
     segmentation_updates,
     step_rng,
+    tumor_or,
 )
 from bladdergen.deepatlas.pools import PoolImage, VolumeCache, pool_from_folder, split_labeled
 from bladdergen.deepatlas.segment import dice_per_class, predict_classes
@@ -555,10 +556,7 @@ def _supervised_draw(rng, images, cfg) -> list[int]:
     indices = images.draw(rng, cfg.batch_size)
     if not tumors:
         return indices
-    return [
-        tumors[int(rng.integers(len(tumors)))] if rng.random() < cfg.tumor_case_fraction else i
-        for i in indices
-    ]
+    return [tumor_or(rng, i, tumors, cfg.tumor_case_fraction) for i in indices]
 
 
 def _segmentation_step(
