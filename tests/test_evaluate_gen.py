@@ -155,9 +155,39 @@ def test_tumor_growing_from_the_inner_wall_into_the_lumen_is_plausible():
     classes = ring_classes(outer=8, inner=5)
     classes[7:9, 10:13, 1:3] = 2  # just inside the ring (radius 3.5-5 from the centre)
     m = measure_anatomy(classes, (2.0, 2.0, 5.0))
-    assert m["tumor_touches_wall"] and m["tumor_inside_fraction"] == 1.0
+    assert m["tumor_touches_wall"] and m["tumor_touches_lumen"]
     ranges = real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2)
     assert plausibility(m, ranges)["plausible"]
+
+
+def _ring_sector(classes: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Voxels at distance [low, high) from the ring's centre with x beyond it by 3 or more."""
+    x, y = np.meshgrid(*[np.arange(n) for n in classes.shape[:2]], indexing="ij")
+    r = np.sqrt((x - 11.5) ** 2 + (y - 11.5) ** 2)
+    return (r >= low) & (r < high) & (x - 11.5 >= 3) & (np.abs(y - 11.5) < 2)
+
+
+def test_a_tumor_through_the_whole_wall_closes_the_bladder_and_is_plausible():
+    classes = ring_classes(outer=8, inner=5)
+    classes[_ring_sector(classes, 5, 8), 1:3] = 2  # transmural: the wall is tumor there
+    m = measure_anatomy(classes, (2.0, 2.0, 5.0))
+    # The urine is the disc inside the ring on every slice, tumor or not: 2 x 2 x 5 mm voxels.
+    x, y = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
+    lumen_voxels = int((np.sqrt((x - 11.5) ** 2 + (y - 11.5) ** 2) < 5).sum()) * 4
+    assert m["lumen_ml"] == pytest.approx(lumen_voxels * 0.02)
+    assert m["tumor_touches_lumen"] and m["tumor_touches_outside"]
+    ranges = real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2)
+    assert plausibility(m, ranges)["plausible"]
+
+
+def test_a_tumor_only_on_the_outside_of_the_wall_is_not_in_the_bladder():
+    classes = ring_classes(outer=8, inner=5)
+    classes[_ring_sector(classes, 8, 10), 1:3] = 2  # on the outer surface, away from the urine
+    m = measure_anatomy(classes, (2.0, 2.0, 5.0))
+    assert m["tumor_touches_wall"] and not m["tumor_touches_lumen"]
+    ranges = real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2)
+    checks = plausibility(m, ranges)
+    assert checks["tumor_on_wall"] and not checks["tumor_in_bladder"] and not checks["plausible"]
 
 
 class ThresholdNet(torch.nn.Module):

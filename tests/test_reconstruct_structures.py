@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bladdergen.vqgan.reconstruct import structure_errors
+from bladdergen.vqgan.reconstruct import _plausible, structure_errors
 
 
 def _bladder():
@@ -54,6 +54,16 @@ def test_a_case_without_tumor_reports_none_for_the_tumor_terms():
     assert errors["tumor_hu_error"] is None and errors["tumor_urine_contrast_kept"] is None
 
 
+def test_a_closed_wall_ring_is_plausible_and_a_split_one_is_not():
+    _, classes = _bladder()
+    classes[classes == 2] = 0  # a tumor floating in the urine would fail the tumor checks
+    anything = {}  # no thickness or volume range: only the structural checks decide
+    assert _plausible(classes, (1.0, 1.0, 1.0), anything) == 1.0
+    split = classes.copy()
+    split[:, 4, :] = 0  # cut the ring into two halves of equal size: 50 % in the largest piece
+    assert _plausible(split, (1.0, 1.0, 1.0), anything) == 0.0
+
+
 def test_reconstruct_reports_structures_against_the_trilinear_baseline(tiny_dataset, tmp_path):
     from bladdergen.config import load_config
     from bladdergen.vqgan.reconstruct import reconstruct_set
@@ -63,7 +73,10 @@ def test_reconstruct_reports_structures_against_the_trilinear_baseline(tiny_data
     overrides |= {"vqgan.n_hiddens": 4, "vqgan.n_codes": 32, "vqgan.num_groups": 4}
     train_vqgan(load_config("tiny", overrides=overrides).vqgan, tiny_dataset, tmp_path / "vq")
     result = reconstruct_set(tmp_path / "vq", tiny_dataset, device="cpu")
-    for key in ("wall_hu_error", "trilinear_wall_hu_error", "label_dice_wall"):
+    for key in ("wall_hu_error", "trilinear_wall_hu_error", "label_dice_wall", "label_plausible"):
         assert result["structures"][key] is not None
+    # The true labels are checked against their own ranges, so a rate below 1 would mean the
+    # check itself rejects real anatomy.
+    assert result["structures"]["label_plausible_truth"] == 1.0
     labeled = [c for c in result["cases"] if "wall_hu_error" in c]
     assert len(labeled) == 4  # the fixture's labeled cases

@@ -10,7 +10,10 @@ On labeled cases it also reports what segmentation needs from the reconstruction
 absolute error inside the bladder wall, inside the tumor and in the urine (the lumen: the wall's
 filled axial outline minus wall and tumor), and the tumor-to-urine contrast kept (reconstructed
 tumor-minus-urine HU over the true one; 1 is perfect), against the trilinear baseline; and, with a
-trained label decoder, its Dice against the true labels.
+trained label decoder, its Dice against the true labels and whether its label map passes the
+anatomy plausibility check that ``sample`` applies (against the set's own label ranges). The
+decoder's label maps of *real* latents are the ceiling for sampled ones: an LDM that reproduced the
+real latents exactly would pass the check no more often.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def reconstruct_set(
     model, metadata = load_vqgan(Path(vqgan), device=torch_device)
     factors = tuple(model.config.downsample)
     counts = torch.zeros(model.config.n_codes, dtype=torch.long)
+    decodes_labels = model.label_decoder is not None and bool(metadata.get("labels_trained"))
+    ranges = _label_ranges(dataset) if decodes_labels else {}
     cases = []
     with reporter.task("reconstruct", total=len(dataset.cases)) as task:
         for case in dataset.cases:
@@ -120,12 +125,15 @@ def reconstruct_set(
                         name + k: v
                         for k, v in structure_errors(recon_hu, truth_hu, classes).items()
                     }
-                if model.label_decoder is not None and metadata.get("labels_trained"):
+                if decodes_labels:
                     with torch.no_grad():
                         z_q, _ = model.quantize(model.encode(x))
                         predicted = model.decode_labels(z_q).argmax(dim=1)[0].cpu().numpy()
                     record["label_dice_wall"] = _dice(predicted == 1, classes == 1)
                     record["label_dice_tumor"] = _dice(predicted == 2, classes == 2)
+                    spacing = dataset.spacing(case)
+                    record["label_plausible"] = _plausible(predicted, spacing, ranges)
+                    record["label_plausible_truth"] = _plausible(classes, spacing, ranges)
             cases.append(record)
             if out_dir is not None:
                 target = check_inside(out_dir, Path(out_dir) / "images" / f"{case.case_id}.nii.gz")
@@ -172,7 +180,22 @@ STRUCTURE_KEYS = [
         "tumor_urine_contrast_kept",
     )
     for prefix in ("", "trilinear_")
-] + ["label_dice_wall", "label_dice_tumor"]
+] + ["label_dice_wall", "label_dice_tumor", "label_plausible", "label_plausible_truth"]
+
+
+def _label_ranges(dataset: PreprocessedSet) -> dict[str, list[float]]:
+    # The same ranges train-ldm records for sample's check, from this set's labels.
+    from bladdergen.diffusion.train import training_anatomy_ranges
+
+    return training_anatomy_ranges(dataset)
+
+
+def _plausible(classes: np.ndarray, spacing, ranges: dict[str, list[float]]) -> float:
+    """1.0 when the (X, Y, Z) class map passes every anatomy check, else 0.0 (a mean is a rate)."""
+    from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
+
+    measurement = measure_anatomy(classes, tuple(float(v) for v in spacing))
+    return float(plausibility(measurement, ranges)["plausible"])
 
 
 def structure_errors(
