@@ -149,6 +149,7 @@ def markdown(result: dict) -> str:
         f"| held-out tumor mean abs HU error, VQ-GAN / trilinear | {f(structures.get('tumor_hu_error'), 1)} / {f(structures.get('trilinear_tumor_hu_error'), 1)} | VQ-GAN lower |",
         f"| held-out tumor-to-urine contrast kept, VQ-GAN / trilinear | {f(structures.get('tumor_urine_contrast_kept'), 2)} / {f(structures.get('trilinear_tumor_urine_contrast_kept'), 2)} | near 1 |",
         f"| label decoder Dice on held-out cases, wall / tumor | {f(structures.get('label_dice_wall'))} / {f(structures.get('label_dice_tumor'))} | — |",
+        f"| label decoder maps of held-out *real* latents passing the anatomy check (true maps) | {f(structures.get('label_plausible'), 2)} ({f(structures.get('label_plausible_truth'), 2)}) | the ceiling for samples |",
     ]
     return "\n".join(
         [

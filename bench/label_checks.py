@@ -1,0 +1,97 @@
+"""Which anatomy checks do generated label maps fail? (issue 12)
+
+Tallies the failed checks of ``sample``'s plausibility test (``measure_anatomy`` + ``plausibility``
+with the training labels' ranges, as ``sample`` applies them) for three kinds of label map:
+
+- ``--truth SET``: the true label maps of a preprocessed set (does the check accept real anatomy?);
+- ``--vqgan RUN --truth SET``: the VQ-GAN label decoder's maps of that set's *real* latents, the
+  ceiling for sampled maps (an LDM that reproduced real latents exactly would do no better);
+- ``--samples DIR``: the label maps ``sample`` wrote, as written and with only the largest
+  bladder component kept (what ``segment`` does to predictions).
+
+    python bench/label_checks.py --train /tmp/bp/train --truth /tmp/bp/test --vqgan /tmp/bp/vqgan \\
+        --samples /tmp/bp/samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def tally(maps, ranges) -> dict:
+    """{"maps": n, "plausible": k, "failed": {check: count}} over (classes, spacing) pairs."""
+    from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
+
+    failed: Counter = Counter()
+    n = passed = 0
+    for classes, spacing in maps:
+        checks = plausibility(measure_anatomy(classes, spacing), ranges)
+        n += 1
+        passed += bool(checks.pop("plausible"))
+        failed.update(name for name, ok in checks.items() if ok is False)
+    return {"maps": n, "plausible": passed, "failed": dict(sorted(failed.items()))}
+
+
+def true_maps(dataset):
+    for case in dataset.labeled_cases:
+        yield dataset.load_label(case), dataset.spacing(case)
+
+
+def decoded_maps(dataset, vqgan: Path):
+    import torch
+
+    from bladdergen.vqgan.load import load_vqgan
+
+    model, _ = load_vqgan(vqgan, device=torch.device("cpu"))
+    for case in dataset.labeled_cases:
+        x = torch.from_numpy(np.ascontiguousarray(dataset.load_image(case)))[None, None]
+        with torch.no_grad():
+            z_q, _ = model.quantize(model.encode(x))
+            classes = model.decode_labels(z_q).argmax(dim=1)[0].numpy().astype(np.uint8)
+        yield classes, dataset.spacing(case)
+
+
+def sampled_maps(samples: Path, largest_only: bool):
+    from bladdergen.deepatlas.segment import largest_bladder_component
+
+    for path in sorted((samples / "labels").glob("*.nii.gz")):
+        image = nib.load(path)
+        values = np.asarray(image.dataobj)
+        classes = np.zeros(values.shape, np.uint8)
+        classes[values == 255], classes[values == 128] = 1, 2  # the dataset's wall / tumor values
+        if largest_only:
+            classes = largest_bladder_component(classes)
+        yield classes, tuple(float(v) for v in image.header.get_zooms()[:3])
+
+
+def main() -> None:
+    from bladdergen.data.dataset import PreprocessedSet
+    from bladdergen.diffusion.train import training_anatomy_ranges
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=Path, required=True, help="set whose labels give ranges")
+    parser.add_argument("--truth", type=Path, help="a preprocessed set with labels")
+    parser.add_argument("--vqgan", type=Path, help="a train-vqgan run with a label decoder")
+    parser.add_argument("--samples", type=Path, help="a sample output folder with labels/")
+    args = parser.parse_args()
+    ranges = training_anatomy_ranges(PreprocessedSet.open(args.train))
+    result: dict = {"ranges": ranges}
+    if args.truth:
+        truth = PreprocessedSet.open(args.truth)
+        result["true_maps"] = tally(true_maps(truth), ranges)
+        if args.vqgan:
+            result["decoded_real_latents"] = tally(decoded_maps(truth, args.vqgan), ranges)
+    if args.samples:
+        result["samples"] = tally(sampled_maps(args.samples, False), ranges)
+        result["samples_largest_component"] = tally(sampled_maps(args.samples, True), ranges)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
