@@ -25,17 +25,36 @@ import numpy as np
 
 
 def tally(maps, ranges) -> dict:
-    """{"maps": n, "plausible": k, "failed": {check: count}} over (classes, spacing) pairs."""
+    """{"maps": n, "plausible": k, "failed": {check: count}, "wall_thickness_mm": [min, median,
+    max], "lumen_share": median of lumen / bladder volume} over (classes, spacing) pairs."""
     from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
 
     failed: Counter = Counter()
     n = passed = 0
+    thickness, lumen_share = [], []
     for classes, spacing in maps:
-        checks = plausibility(measure_anatomy(classes, spacing), ranges)
+        measurement = measure_anatomy(classes, spacing)
+        checks = plausibility(measurement, ranges)
         n += 1
         passed += bool(checks.pop("plausible"))
         failed.update(name for name, ok in checks.items() if ok is False)
-    return {"maps": n, "plausible": passed, "failed": dict(sorted(failed.items()))}
+        if measurement["wall_thickness_mm"] is not None:
+            thickness.append(measurement["wall_thickness_mm"])
+        if measurement["bladder_ml"] > 0:
+            lumen_share.append(measurement["lumen_ml"] / measurement["bladder_ml"])
+    return {
+        "maps": n,
+        "plausible": passed,
+        "failed": dict(sorted(failed.items())),
+        "wall_thickness_mm": _spread(thickness),
+        "lumen_share": float(np.median(lumen_share)) if lumen_share else None,
+    }
+
+
+def _spread(values: list[float]) -> list[float] | None:
+    return (
+        [float(np.min(values)), float(np.median(values)), float(np.max(values))] if values else None
+    )
 
 
 def true_maps(dataset):
