@@ -66,14 +66,14 @@ def decoded_maps(dataset, vqgan: Path):
     import torch
 
     from bladdergen.vqgan.load import load_vqgan
+    from bladdergen.vqgan.reconstruct import decoded_label_map
 
     model, _ = load_vqgan(vqgan, device=torch.device("cpu"))
     for case in dataset.labeled_cases:
         x = torch.from_numpy(np.ascontiguousarray(dataset.load_image(case)))[None, None]
         with torch.no_grad():
-            z_q, _ = model.quantize(model.encode(x))
-            classes = model.decode_labels(z_q).argmax(dim=1)[0].numpy().astype(np.uint8)
-        yield classes, dataset.spacing(case)
+            _, indices = model.quantize(model.encode(x))
+        yield decoded_label_map(model, indices), dataset.spacing(case)
 
 
 def sampled_maps(samples: Path, largest_only: bool):

@@ -7,8 +7,9 @@ its wall thickness and its volume lie within the range measured the same way on 
 or sits within the wall, not only on the wall's outside (bladder tumors grow from the urothelium, the
 inner surface). Wall and tumor are taken together as the bladder's tissue: a tumor often replaces
 the wall's whole thickness (transmural), so the outline of the wall alone is open there and the wall
-alone falls apart into pieces; measured that way, a third of the real phantoms' label maps failed. The check is only as good as the model: an under-trained model mislabels real and synthetic
-volumes alike.
+alone falls apart into pieces; measured that way, a third of the real phantoms' label maps
+failed. The check is only as good as the model: an under-trained model mislabels real and
+synthetic volumes alike.
 """
 
 from __future__ import annotations
@@ -151,9 +152,9 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
     in_plane = (spacing[0], spacing[1])
     for z in range(wall.shape[2]):
         wall_slice = wall[:, :, z]
-        if not wall_slice.any():
-            continue
         filled[:, :, z] = ndimage.binary_fill_holes(wall_slice | tumor[:, :, z])
+        if not wall_slice.any():
+            continue  # a slice of tumor alone closes no outline but is bladder tissue
         distance = ndimage.distance_transform_edt(wall_slice, sampling=in_plane)
         ridge = wall_slice & (distance == ndimage.maximum_filter(distance, size=3))
         ridges.append(distance[ridge])

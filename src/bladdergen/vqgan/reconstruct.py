@@ -94,7 +94,11 @@ def reconstruct_set(
     factors = tuple(model.config.downsample)
     counts = torch.zeros(model.config.n_codes, dtype=torch.long)
     decodes_labels = model.label_decoder is not None and bool(metadata.get("labels_trained"))
-    ranges = _label_ranges(dataset) if decodes_labels else {}
+    ranges = {}
+    if decodes_labels:  # the ranges train-ldm records for sample's check, from this set's labels
+        from bladdergen.diffusion.train import training_anatomy_ranges
+
+        ranges = training_anatomy_ranges(dataset)
     cases = []
     with reporter.task("reconstruct", total=len(dataset.cases)) as task:
         for case in dataset.cases:
@@ -126,9 +130,7 @@ def reconstruct_set(
                         for k, v in structure_errors(recon_hu, truth_hu, classes).items()
                     }
                 if decodes_labels:
-                    with torch.no_grad():
-                        z_q, _ = model.quantize(model.encode(x))
-                        predicted = model.decode_labels(z_q).argmax(dim=1)[0].cpu().numpy()
+                    predicted = decoded_label_map(model, indices)
                     record["label_dice_wall"] = _dice(predicted == 1, classes == 1)
                     record["label_dice_tumor"] = _dice(predicted == 2, classes == 2)
                     spacing = dataset.spacing(case)
@@ -183,11 +185,11 @@ STRUCTURE_KEYS = [
 ] + ["label_dice_wall", "label_dice_tumor", "label_plausible", "label_plausible_truth"]
 
 
-def _label_ranges(dataset: PreprocessedSet) -> dict[str, list[float]]:
-    # The same ranges train-ldm records for sample's check, from this set's labels.
-    from bladdergen.diffusion.train import training_anatomy_ranges
-
-    return training_anatomy_ranges(dataset)
+@torch.no_grad()
+def decoded_label_map(model, indices: torch.Tensor) -> np.ndarray:
+    """(X, Y, Z) uint8 classes the label decoder draws for one case's code ``indices`` (1, x, y, z)."""
+    logits = model.decode_labels(model.codebook.embed(indices))
+    return logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
 
 
 def _plausible(classes: np.ndarray, spacing, ranges: dict[str, list[float]]) -> float:
