@@ -701,8 +701,7 @@ def stage_sample_ddim(ctx: Context) -> dict[str, Any]:
             if not np.isfinite(hu).all():
                 raise FloatingPointError("decoded volume is not finite")
             if paired:  # a VQ-GAN trained with labels decodes each sample's label map too
-                logits = vqgan.decode_labels(z_q[row : row + 1]).float()
-                logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+                vqgan.decode_label_classes(z_q[row : row + 1])[0].cpu().numpy()
         ctx.sync()
         split["denoise_s"].append(middle - started)
         split["decode_s"].append(time.perf_counter() - middle)

@@ -138,3 +138,28 @@ def test_weights_that_do_not_match_the_recorded_config_are_refused(tmp_path):
     save_weights(path, tensors, metadata)
     with pytest.raises(CheckpointError, match="does not match"):
         load_vqgan(path)
+
+
+def test_label_classes_write_the_lumen_class_as_background():
+    model = _model()
+    assert model.label_decoder is not None
+    z_q = torch.zeros(1, model.config.embedding_dim, 2, 2, 2)
+    logits = model.decode_labels(z_q)
+    assert logits.shape[1] == 4  # background, wall, tumor, lumen
+    expected = logits.argmax(dim=1)
+    expected[expected == 3] = 0
+    assert torch.equal(model.decode_label_classes(z_q), expected.to(torch.uint8))
+
+
+def test_checkpoints_from_before_the_lumen_class_still_load(tmp_path):
+    x = torch.rand(1, 1, 16, 16, 8) * 2 - 1
+    old = _trained_once(_model(**{"vqgan.label_lumen": False}), x)
+    metadata = save_vqgan(tmp_path / "old.safetensors", old, 1, (-100, 200), (16, 16, 8), 1.0)
+    # a file written before the option existed has no label_lumen key in its config
+    tensors, stored = load_weights(tmp_path / "old.safetensors")
+    del stored["config"]["label_lumen"]
+    save_weights(tmp_path / "older.safetensors", tensors, stored)
+    loaded, _ = load_vqgan(tmp_path / "older.safetensors")
+    assert not loaded.config.label_lumen
+    assert loaded.label_decoder is not None
+    assert metadata["config"]["label_lumen"] is False

@@ -180,3 +180,21 @@ def test_cosine_schedule_runs_from_lr_to_a_tenth_and_constant_stays_put():
     assert learning_rate(cosine.vqgan, 100) == pytest.approx(1e-4)
     constant = _config(**{"vqgan.lr": 1e-3, "vqgan.lr_schedule": "constant"})
     assert learning_rate(constant.vqgan, 3) == 1e-3
+
+
+def test_lumen_targets_mark_the_enclosed_urine_of_labeled_cases_only():
+    from bladdergen.vqgan.model import LUMEN
+    from bladdergen.vqgan.train import UNLABELED, with_lumen
+
+    labeled = torch.zeros(7, 7, 2, dtype=torch.int64)
+    labeled[1:6, 1:6, 0] = 1  # a square wall ring on slice 0 ...
+    labeled[2:5, 2:5, 0] = 0  # ... around 3x3 urine voxels
+    labeled[1, 3, 0] = 2  # a tumor voxel in the ring keeps it closed
+    labeled[1:4, 1:4, 1] = 1  # slice 1: a solid patch encloses nothing
+    unlabeled = torch.full((7, 7, 2), UNLABELED, dtype=torch.int64)
+    marked = with_lumen(torch.stack([labeled, unlabeled])[:, None])
+
+    expected = labeled.clone()
+    expected[2:5, 2:5, 0] = LUMEN
+    assert torch.equal(marked[0, 0], expected)
+    assert torch.equal(marked[1, 0], unlabeled)

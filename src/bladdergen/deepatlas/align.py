@@ -19,20 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
+
+from bladdergen.data.bladder import filled_bladder
 
 MAX_SCALE = 1.5  # per-axis scale of the pre-alignment is clipped to [1/MAX_SCALE, MAX_SCALE]
-
-
-def filled_bladder(classes: np.ndarray) -> np.ndarray:
-    """Filled bladder of a class map (X, Y, Z) (0 bg, 1 wall, 2 tumor): wall ∪ tumor ∪ the holes
-    they enclose in each axial slice, as a bool array (X, Y, Z)."""
-    organ = classes > 0
-    filled = np.zeros_like(organ)
-    for z in range(organ.shape[2]):
-        if organ[:, :, z].any():
-            filled[:, :, z] = ndimage.binary_fill_holes(organ[:, :, z])
-    return filled
 
 
 def filled_bladder_from_probs(probs: torch.Tensor) -> torch.Tensor:

@@ -313,8 +313,7 @@ def sample_volumes(
                 hu = unit_to_hu(vqgan.decode(latent).float()[0, 0].cpu().numpy(), window)
                 classes = None
                 if paired:
-                    logits = vqgan.decode_labels(latent).float()
-                    classes = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+                    classes = vqgan.decode_label_classes(latent)[0].cpu().numpy()
                     anatomy = _label_checks(classes, affine, ranges)
                     atomic_write_json(layout.checks(out_dir, index), anatomy)
                     if cfg.keep == "plausible" and not anatomy["checks"]["plausible"]:

@@ -65,6 +65,10 @@ class VQGANConfig:
     # latent decodes to a CT and its labels in one geometry (trained on the labeled cases only)
     label_head: bool = True
     label_weight: float = 1.0
+    # the label decoder also predicts the urine-filled lumen (derived by hole filling) as a class
+    # of its own, written as background: with urine and outside both "background" it was free to
+    # grow the wall into the lumen (decoded walls 2-3x too thick, urine 8% of the bladder)
+    label_lumen: bool = True
     # extra L1 weight inside the bladder wall and tumor (labeled cases): keeps their low contrast
     region_weight: float = 4.0
     gan_loss: Literal["hinge", "least_squares"] = "hinge"

@@ -101,6 +101,7 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     require_metadata(metadata, path, REQUIRED_METADATA)
     stored = dict(metadata["config"])
     stored.setdefault("label_head", False)  # checkpoints from before the label decoder
+    stored.setdefault("label_lumen", False)  # ... and from before its lumen class
     try:
         config = from_mapping(VQGANConfig, stored, where=f"{path}: config")
     except ConfigError as error:

@@ -160,8 +160,9 @@ class VQGANOutput:
 
     ``x_hat`` (B, 1, X, Y, Z); ``z_e`` (B, E, x, y, z) pre-quantisation latent; ``z_q`` quantised
     latent (straight-through); ``indices`` (B, x, y, z); ``commitment`` unweighted scalar;
-    ``perplexity`` and ``used_fraction`` of the batch's codes; ``label_logits`` (B, 3, X, Y, Z)
-    over background, wall, tumor from the label decoder (None without ``label_head``).
+    ``perplexity`` and ``used_fraction`` of the batch's codes; ``label_logits`` (B, K, X, Y, Z)
+    over background, wall, tumor (and lumen with ``label_lumen``: K = 4) from the label decoder
+    (None without ``label_head``).
     """
 
     x_hat: torch.Tensor
@@ -174,7 +175,8 @@ class VQGANOutput:
     label_logits: torch.Tensor | None = None
 
 
-N_CLASSES = 3  # background, wall, tumor
+N_CLASSES = 3  # background, wall, tumor: the classes of a label map
+LUMEN = 3  # the label decoder's extra class with ``label_lumen``; written as background
 
 
 class VQGAN(nn.Module):
@@ -185,7 +187,8 @@ class VQGAN(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.label_decoder = Decoder(config, N_CLASSES) if config.label_head else None
+        n_label = N_CLASSES + int(config.label_lumen)
+        self.label_decoder = Decoder(config, n_label) if config.label_head else None
         self.codebook = Codebook(
             config.n_codes,
             config.embedding_dim,
@@ -225,10 +228,18 @@ class VQGAN(nn.Module):
         return self.decoder(z_q)
 
     def decode_labels(self, z_q: torch.Tensor) -> torch.Tensor:
-        """(B, E, x, y, z) quantised latent -> (B, 3, X, Y, Z) label logits; needs ``label_head``."""
+        """(B, E, x, y, z) quantised latent -> (B, K, X, Y, Z) label logits; needs ``label_head``."""
         if self.label_decoder is None:
             raise ValueError("this VQ-GAN has no label decoder (vqgan.label_head is off)")
         return self.label_decoder(z_q)
+
+    @torch.no_grad()
+    def decode_label_classes(self, z_q: torch.Tensor) -> torch.Tensor:
+        """(B, E, x, y, z) quantised latent -> (B, X, Y, Z) uint8 label map, 0 background (lumen
+        included), 1 wall, 2 tumor: the most likely class per voxel."""
+        classes = self.decode_labels(z_q).float().argmax(dim=1)
+        classes[classes == LUMEN] = 0
+        return classes.to(torch.uint8)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, x, y, z) code indices -> (B, 1, X, Y, Z) reconstruction."""

@@ -188,8 +188,7 @@ STRUCTURE_KEYS = [
 @torch.no_grad()
 def decoded_label_map(model, indices: torch.Tensor) -> np.ndarray:
     """(X, Y, Z) uint8 classes the label decoder draws for one case's code ``indices`` (1, x, y, z)."""
-    logits = model.decode_labels(model.codebook.embed(indices))
-    return logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+    return model.decode_label_classes(model.codebook.embed(indices))[0].cpu().numpy()
 
 
 def _plausible(classes: np.ndarray, spacing, ranges: dict[str, list[float]]) -> float:

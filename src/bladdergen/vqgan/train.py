@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bladdergen.checkpoint import WEIGHTS_NAME
+from bladdergen.data.bladder import lumen
 from bladdergen.data.dataset import PreprocessedSet
 from bladdergen.engine.run import RunFolder, RunKind, no_sync, unwrap
 from bladdergen.errors import InputError
@@ -32,7 +33,7 @@ from bladdergen.vqgan.losses import (
     perceptual_loss,
     pick_slices,
 )
-from bladdergen.vqgan.model import VQGAN
+from bladdergen.vqgan.model import LUMEN, VQGAN
 
 KIND = "vqgan"
 IMAGES_DIR = "images"
@@ -83,6 +84,17 @@ def batch_plan(seed: int, step: int, n_cases: int, global_batch: int, depth: int
     flips = torch.rand(global_batch, generator=generator) < 0.5
     slices = torch.randint(depth, (global_batch,), generator=generator)
     return {"indices": torch.tensor(indices), "flips": flips, "slices": slices}
+
+
+def with_lumen(labels: torch.Tensor) -> torch.Tensor:
+    """Label targets (N, 1, X, Y, Z) with each labeled case's lumen marked ``LUMEN``: the urine
+    that wall and tumor enclose, by hole filling in each axial slice (unlabeled cases unchanged)."""
+    marked = labels.clone()
+    for case in marked[:, 0]:
+        if bool((case == UNLABELED).all()):
+            continue
+        case[torch.from_numpy(lumen(case.numpy()))] = LUMEN
+    return marked
 
 
 def _augment(volumes: torch.Tensor, flips: torch.Tensor, enabled: bool) -> torch.Tensor:
@@ -139,6 +151,8 @@ def train_vqgan(
     runtime = start_runtime(cfg.device)
     volumes, labels, dataset = load_volumes(Path(data_dir))
     labels_trained = cfg.label_head and bool((labels != UNLABELED).any())
+    if cfg.label_head and cfg.label_lumen:
+        labels = with_lumen(labels)
     volume_shape = tuple(volumes.shape[2:])
     run = RunFolder.open(
         run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter
@@ -338,10 +352,11 @@ def _train_step(
 
 
 def label_head_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + foreground soft Dice of label logits (B, 3, X, Y, Z) against classes
+    """Cross-entropy + foreground soft Dice of label logits (B, K, X, Y, Z) against classes
     (B, 1, X, Y, Z), over labeled voxels only (``UNLABELED`` ignored).
 
-    The Dice is over the whole batch and only wall and tumor, so a tumor of 0.1% of the voxels
+    The Dice is over the whole batch and every class but background (wall, tumor and, with
+    ``label_lumen``, the lumen), so a tumor of 0.1% of the voxels
     still weighs as much as the wall. Always part of the graph (zero when nothing is labeled), so
     DDP sees the label decoder used on every rank.
     """
