@@ -198,3 +198,13 @@ def test_lumen_targets_mark_the_enclosed_urine_of_labeled_cases_only():
     expected[2:5, 2:5, 0] = LUMEN
     assert torch.equal(marked[0, 0], expected)
     assert torch.equal(marked[1, 0], unlabeled)
+
+
+def test_slice_ssim_is_one_for_repeated_slices_and_low_for_independent_noise():
+    from bladdergen.vqgan.reconstruct import adjacent_slice_ssim
+
+    generator = torch.Generator().manual_seed(0)
+    one_slice = torch.rand(1, 1, 24, 24, 1, generator=generator) * 2 - 1
+    assert adjacent_slice_ssim(one_slice.repeat(1, 1, 1, 1, 6)) == pytest.approx(1.0)
+    noise = torch.rand(1, 1, 24, 24, 6, generator=generator) * 2 - 1
+    assert adjacent_slice_ssim(noise) < 0.2  # independent slices share no structure

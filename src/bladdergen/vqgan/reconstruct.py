@@ -119,6 +119,9 @@ def reconstruct_set(
                 "trilinear_ssim": ssim(trilinear, x),
                 "area_psnr": psnr(area, x),
                 "area_ssim": ssim(area, x),
+                # smoothness along Z: generated volumes can be no less smooth than this
+                "slice_ssim": adjacent_slice_ssim(x_hat),
+                "truth_slice_ssim": adjacent_slice_ssim(x),
             }
             if case.labeled:
                 classes = dataset.load_label(case)
@@ -156,6 +159,8 @@ def reconstruct_set(
         "trilinear_ssim": _mean(cases, "trilinear_ssim"),
         "area_psnr": _mean(cases, "area_psnr"),
         "area_ssim": _mean(cases, "area_ssim"),
+        "slice_ssim": _mean(cases, "slice_ssim"),
+        "truth_slice_ssim": _mean(cases, "truth_slice_ssim"),
         "code_usage": float((counts > 0).double().mean()),
         "codes_used": int((counts > 0).sum()),
         "n_codes": model.config.n_codes,
@@ -186,6 +191,15 @@ STRUCTURE_KEYS = [
 
 
 @torch.no_grad()
+def adjacent_slice_ssim(volume: torch.Tensor) -> float:
+    """Mean SSIM between adjacent axial slices of a (1, 1, X, Y, Z) volume in [-1, 1], on the
+    window mapped to [0, 1] (``evaluate gen``'s measure, there on its own HU range)."""
+    from bladdergen.evaluate.similarity import adjacent_slice_similarity
+
+    unit = ((volume[0, 0].float().cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
+    return adjacent_slice_similarity(unit)["slice_ssim"]
+
+
 def decoded_label_map(model, indices: torch.Tensor) -> np.ndarray:
     """(X, Y, Z) uint8 classes the label decoder draws for one case's code ``indices`` (1, x, y, z)."""
     return model.decode_label_classes(model.codebook.embed(indices))[0].cpu().numpy()
