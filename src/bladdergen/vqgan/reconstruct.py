@@ -218,13 +218,10 @@ def structure_errors(
 ) -> dict[str, float | None]:
     """Mean |HU error| inside wall, tumor and urine, and the tumor-to-urine contrast kept, of one
     (X, Y, Z) reconstruction against the truth; None where a structure is absent."""
-    from scipy import ndimage
+    from bladdergen.data.bladder import lumen
 
     wall, tumor = classes == 1, classes == 2
-    filled = np.zeros_like(wall)
-    for z in range(classes.shape[2]):
-        filled[:, :, z] = ndimage.binary_fill_holes(wall[:, :, z] | tumor[:, :, z])
-    urine = filled & ~wall & ~tumor
+    urine = lumen(classes)
     error = np.abs(recon_hu.astype(np.float64) - truth_hu)
 
     def mean(values: np.ndarray, mask: np.ndarray) -> float | None:
