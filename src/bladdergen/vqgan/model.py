@@ -108,7 +108,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, E, x, y, z) latent -> (B, C, X, Y, Z): the image (C = 1), or label logits (C = 3)."""
+    """(B, E, x, y, z) latent -> (B, C, X, Y, Z): the image (C = 1), or label logits (C = 3, or
+    4 with the lumen)."""
 
     def __init__(self, config: VQGANConfig, out_channels: int = 1) -> None:
         super().__init__()

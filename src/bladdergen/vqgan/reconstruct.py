@@ -190,7 +190,6 @@ STRUCTURE_KEYS = [
 ] + ["label_dice_wall", "label_dice_tumor", "label_plausible", "label_plausible_truth"]
 
 
-@torch.no_grad()
 def adjacent_slice_ssim(volume: torch.Tensor) -> float:
     """Mean SSIM between adjacent axial slices of a (1, 1, X, Y, Z) volume in [-1, 1], on the
     window mapped to [0, 1] (``evaluate gen``'s measure, there on its own HU range)."""
@@ -200,6 +199,7 @@ def adjacent_slice_ssim(volume: torch.Tensor) -> float:
     return adjacent_slice_similarity(unit)["slice_ssim"]
 
 
+@torch.no_grad()
 def decoded_label_map(model, indices: torch.Tensor) -> np.ndarray:
     """(X, Y, Z) uint8 classes the label decoder draws for one case's code ``indices`` (1, x, y, z)."""
     return model.decode_label_classes(model.codebook.embed(indices))[0].cpu().numpy()
