@@ -77,13 +77,14 @@ def decoded_maps(dataset, vqgan: Path):
 
 
 def sampled_maps(samples: Path, largest_only: bool):
+    from bladdergen.data.dataset import DATASET_LABEL_MAP
+    from bladdergen.data.preprocess import label_values_to_classes
     from bladdergen.deepatlas.segment import largest_bladder_component
 
     for path in sorted((samples / "labels").glob("*.nii.gz")):
         image = nib.load(path)
-        values = np.asarray(image.dataobj)
-        classes = np.zeros(values.shape, np.uint8)
-        classes[values == 255], classes[values == 128] = 1, 2  # the dataset's wall / tumor values
+        # sample writes the dataset's values (0 / 255 wall / 128 tumor)
+        classes = label_values_to_classes(np.asarray(image.dataobj), DATASET_LABEL_MAP, path)
         if largest_only:
             classes = largest_bladder_component(classes)
         yield classes, tuple(float(v) for v in image.header.get_zooms()[:3])

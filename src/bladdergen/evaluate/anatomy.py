@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import ndimage
 
+from bladdergen.data.bladder import filled_bladder
 from bladdergen.errors import InputError
 
 MIN_MAIN_COMPONENT = 0.9
@@ -147,14 +148,13 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
     components, _ = ndimage.label(wall | tumor, structure=neighbours)
     wall_per_piece = np.bincount(components[wall], minlength=components.max() + 1)[1:]
     result["wall_main_component"] = float(wall_per_piece.max() / wall_per_piece.sum())
-    filled = np.zeros_like(wall)
+    filled = filled_bladder(classes)  # a slice of tumor alone is bladder tissue too
     ridges = []
     in_plane = (spacing[0], spacing[1])
     for z in range(wall.shape[2]):
         wall_slice = wall[:, :, z]
-        filled[:, :, z] = ndimage.binary_fill_holes(wall_slice | tumor[:, :, z])
         if not wall_slice.any():
-            continue  # a slice of tumor alone closes no outline but is bladder tissue
+            continue
         distance = ndimage.distance_transform_edt(wall_slice, sampling=in_plane)
         ridge = wall_slice & (distance == ndimage.maximum_filter(distance, size=3))
         ridges.append(distance[ridge])
