@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="take the supervised arm from this earlier OUT instead of training it: its rows, "
-        "run folders (the deepatlas arm starts from their hand-offs), data and subsets",
+        "run folders (the deepatlas arms start from their hand-offs), data and subsets",
     )
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument(
@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bladdergen.config import load_config
     from bladdergen.deepatlas.handoff import HANDOFF_NAME
+    from bladdergen.deepatlas.pools import synthetic_pair_count
     from bladdergen.deepatlas.train import schedule_fits_baseline
 
     started = time.perf_counter()
@@ -468,6 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     # DeepAtlas's supervised pre-training is the baseline's first updates (paired by design): the
     # deepatlas arm starts from the supervised arm's hand-off instead of training them again
     handoff = "supervised" in arms and schedule_fits_baseline(base.deepatlas) is None
+    # so does deepatlas+synthetic when its synthetic volumes are unlabeled images only (with
+    # synthetic CT + label pairs among its labeled cases its pre-training is its own)
+    handoff_arms = {"deepatlas"}
+    if args.synthetic is not None and not (
+        base.deepatlas.synthetic_pairs and synthetic_pair_count(args.synthetic) > 0
+    ):
+        handoff_arms.add("deepatlas+synthetic")
     jobs = []
     for seed in args.seeds:
         for n in args.labeled:
@@ -501,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 baseline = source / "runs" / f"n{n}_s{seed}_supervised"
-                if arm == "deepatlas" and handoff:
+                if arm in handoff_arms and handoff:
                     pending = f"{n}/{seed}/supervised" not in results
                     if pending or (baseline / HANDOFF_NAME).is_file():
                         jobs[-1] |= {"from_baseline": baseline}

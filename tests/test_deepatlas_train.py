@@ -414,6 +414,27 @@ def test_from_baseline_refuses_a_baseline_of_other_settings(tiny_dataset, tmp_pa
     assert not (tmp_path / "da" / "training_state.pt").exists()
 
 
+def test_synthetic_pair_settings_are_compared_only_when_a_run_has_synthetic_pairs(tmp_path):
+    from bladdergen.checkpoint import save_training_state
+    from bladdergen.deepatlas.handoff import HANDOFF_NAME, handoff_identity, read_handoff
+    from bladdergen.settings import to_mapping
+
+    baseline = tiny_config().deepatlas  # the defaults: pairs on, weight 0.5
+    images_only = tiny_config(
+        **{"deepatlas.synthetic_pairs": False, "deepatlas.synthetic_pair_weight": 0.1}
+    ).deepatlas
+
+    def handed_off(labeled):
+        mine = handoff_identity(0, to_mapping(baseline), tmp_path, labeled, ["v"])
+        save_training_state(tmp_path / HANDOFF_NAME, {"identity": mine})
+        theirs = handoff_identity(0, to_mapping(images_only), tmp_path, labeled, ["v"])
+        return read_handoff(tmp_path, theirs)
+
+    assert handed_off(["a", "b"])["identity"]["labeled"] == ["a", "b"]
+    with pytest.raises(InputError, match="synthetic_pair_weight 0.5 vs 0.1"):
+        handed_off(["a", "b", "synthetic:sample_00000"])
+
+
 def test_from_baseline_refuses_a_schedule_that_validates_off_the_baseline_s_updates(
     tiny_dataset, tmp_path
 ):

@@ -39,6 +39,16 @@ _FREE_KEYS |= {"prealign", "anatomy_weight", "anatomy_filled_bladder", "anatomy_
 _FREE_KEYS |= {"anatomy_gate_segmenter", "pair_tumor_sampling"}
 _FREE_KEYS |= {"reg_augment_weight", "synthetic_filter", "reg_pretrain_steps"}
 _FREE_KEYS |= {"reg_steps_per_cycle", "seg_steps_per_cycle"}
+# These act on the supervised draws only through synthetic pairs among the labeled cases, and the
+# labeled ids are compared on their own: free when neither run has a pair (a baseline of the
+# defaults then serves a DeepAtlas run whose synthetic volumes are unlabeled images only).
+_PAIR_KEYS = {"synthetic_pairs", "synthetic_pair_weight"}
+SYNTHETIC_ID_PREFIX = "synthetic:"
+
+
+def _free_keys(labeled: list[str]) -> set[str]:
+    paired = any(case_id.startswith(SYNTHETIC_ID_PREFIX) for case_id in labeled)
+    return _FREE_KEYS if paired else _FREE_KEYS | _PAIR_KEYS
 
 
 def handoff_identity(
@@ -51,7 +61,8 @@ def handoff_identity(
     """What must be the same in both runs for the hand-off to be DeepAtlas's own pre-training.
 
     ``labeled``: the training pool's labeled ids, synthetic CT + label pairs included."""
-    settings = {k: v for k, v in sorted(cfg_mapping.items()) if k not in _FREE_KEYS}
+    free = _free_keys(labeled)
+    settings = {k: v for k, v in sorted(cfg_mapping.items()) if k not in free}
     return json.loads(
         json.dumps(
             {
@@ -120,7 +131,8 @@ def read_handoff(baseline_dir: Path, identity: dict[str, Any]) -> dict[str, Any]
                 f"{identity[key]!r}; --from-baseline needs the same seed, data and split"
             )
     # a hand-off written by an older version also recorded keys since found free: not compared
-    theirs = {k: v for k, v in recorded.get("settings", {}).items() if k not in _FREE_KEYS}
+    free = _free_keys(identity["labeled"])  # the labeled ids are equal by now
+    theirs = {k: v for k, v in recorded.get("settings", {}).items() if k not in free}
     ours = identity["settings"]
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
