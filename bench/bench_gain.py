@@ -6,10 +6,11 @@ trained with the same networks, budget of segmentation updates and validation ca
 - ``supervised``: ``train-deepatlas --supervised-only`` on the labeled cases;
 - ``deepatlas``: DeepAtlas with the labeled cases and ``--unlabeled`` real unlabeled phantoms;
 - ``deepatlas+synthetic``: the same plus the volumes in ``--synthetic DIR`` (e.g. what ``sample``
-  wrote; its plausible CT + label pairs as labeled cases, the rest as unlabeled images);
-- ``supervised+pairs``: ``--supervised-only`` with the labeled cases and the synthetic CT + label
-  pairs of ``--synthetic DIR`` (no registration, no unlabeled images); the synthetic arms are
-  skipped without ``--synthetic``.
+  wrote) as unlabeled images (its plausible CT + label pairs as labeled cases with
+  ``--set deepatlas.synthetic_pairs=true``);
+- ``supervised+pairs``: ``--supervised-only --synthetic-pairs`` with the labeled cases and the
+  synthetic CT + label pairs of ``--synthetic DIR`` (no registration, no unlabeled images); the
+  synthetic arms are skipped without ``--synthetic``.
 
 Every arm's best checkpoint (mean foreground validation Dice) segments the same ``--test-cases``
 held-out phantoms (a disjoint seed), scored on the preprocessed grid: wall Dice and HD95 (mm),
@@ -443,6 +444,12 @@ def run_jobs(jobs: list[dict], workers: int, record) -> None:
                     running[pool.submit(train_and_score, job)] = job
 
 
+def arm_overrides(arm: str) -> dict:
+    """What an arm sets itself: supervised+pairs exists to take the synthetic CT + label pairs as
+    labeled cases, which ``deepatlas.synthetic_pairs`` leaves off by default."""
+    return {"deepatlas.synthetic_pairs": True} if arm == "supervised+pairs" else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bladdergen.config import load_config
@@ -498,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                         "test": test,
                         "run_dir": run_dir,
                         "profile": args.profile,
-                        "overrides": {**overrides(args), "seed": seed},
+                        "overrides": {**overrides(args), "seed": seed, **arm_overrides(arm)},
                         "synthetic": args.synthetic if arm in SYNTHETIC_ARMS else None,
                         "all_components": args.all_components,
                         "final": args.final,

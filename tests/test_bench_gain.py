@@ -118,3 +118,15 @@ def test_threads_per_run_follow_omp_num_threads_else_share_the_cores(bench_gain,
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert bench_gain.job_threads(1) == 8
     assert bench_gain.job_threads(3) == 2  # 8 cores // 3 runs
+
+
+def test_only_the_supervised_pairs_arm_takes_synthetic_pairs_as_labeled_cases(bench_gain):
+    from bladdergen.config import load_config
+
+    def pairs(arm):
+        return load_config(
+            "tiny", overrides=bench_gain.arm_overrides(arm)
+        ).deepatlas.synthetic_pairs
+
+    assert pairs("supervised+pairs") is True
+    assert [pairs(a) for a in ("supervised", "deepatlas", "deepatlas+synthetic")] == [False] * 3

@@ -320,7 +320,7 @@ def _sample_folder(root, plausible):
 
 def test_plausible_synthetic_pairs_are_labeled_data_and_the_rest_unlabeled(tiny_dataset, tmp_path):
     _sample_folder(tmp_path / "samples", plausible=[True, False, True])
-    config = tiny_config(**{"deepatlas.max_steps": 4})
+    config = tiny_config(**{"deepatlas.max_steps": 4, "deepatlas.synthetic_pairs": True})
     result = train_deepatlas(
         config.deepatlas, tiny_dataset, tmp_path / "run", synthetic_dir=tmp_path / "samples"
     )
@@ -334,7 +334,7 @@ def test_plausible_synthetic_pairs_are_labeled_data_and_the_rest_unlabeled(tiny_
 
 def test_the_supervised_baseline_uses_synthetic_pairs_only_when_given(tiny_dataset, tmp_path):
     _sample_folder(tmp_path / "samples", plausible=[True, True])
-    config = tiny_config(**{"deepatlas.max_steps": 6})
+    config = tiny_config(**{"deepatlas.max_steps": 6, "deepatlas.synthetic_pairs": True})
     plus = train_deepatlas(
         config.deepatlas,
         tiny_dataset,
@@ -353,6 +353,30 @@ def test_the_supervised_baseline_uses_synthetic_pairs_only_when_given(tiny_datas
         supervised_only=True,
     )
     assert (alone["synthetic_pairs"], alone["labeled_training_cases"]) == (0, 3)
+
+
+def test_synthetic_pairs_are_unlabeled_images_unless_the_flag_asks_for_them(tiny_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from bladdergen.cli.app import app
+
+    _sample_folder(tmp_path / "samples", plausible=[True, True])
+    nested: dict = {}
+    for dotted, value in {**TINY_NETS, "deepatlas.max_steps": 4}.items():
+        section, key = dotted.split(".")
+        nested.setdefault(section, {})[key] = value
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(nested))
+
+    def counts(run: str, *flags: str) -> tuple[int, int]:
+        args = [str(tiny_dataset), str(tmp_path / run), "-s", str(tmp_path / "samples")]
+        args += ["-p", "tiny", "-c", str(tmp_path / "config.yaml"), "-q", "--json", *flags]
+        done = CliRunner().invoke(app, ["train-deepatlas", *args])
+        assert done.exit_code == 0, done.output
+        result = json.loads(done.output.strip().splitlines()[-1])
+        return result["synthetic_pairs"], result["synthetic_images"]
+
+    assert counts("default") == (0, 2)  # the paper's use: synthetic volumes are unlabeled
+    assert counts("pairs", "--synthetic-pairs") == (2, 0)
 
 
 def _records(run_dir, from_step):

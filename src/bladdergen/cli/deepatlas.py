@@ -47,6 +47,15 @@ def train_deepatlas_command(
             help="Synthetic volumes from `bladdergen sample` (HU NIfTI), preprocessed like DATA_DIR.",
         ),
     ] = None,
+    synthetic_pairs: Annotated[
+        bool | None,
+        typer.Option(
+            "--synthetic-pairs/--no-synthetic-pairs",
+            help="Take --synthetic samples whose generated label map passed `sample`'s checks as "
+            "labeled cases (deepatlas.synthetic_pairs; off by default: every synthetic volume is "
+            "an unlabeled image).",
+        ),
+    ] = None,
     supervised_only: Annotated[
         bool,
         typer.Option(
@@ -84,7 +93,12 @@ def train_deepatlas_command(
     from bladdergen.deepatlas.train import train_deepatlas
     from bladdergen.runtime import stop_runtime
 
-    overrides = {"seed": seed, "deepatlas.max_steps": max_steps, "deepatlas.device": device}
+    overrides = {
+        "seed": seed,
+        "deepatlas.max_steps": max_steps,
+        "deepatlas.device": device,
+        "deepatlas.synthetic_pairs": synthetic_pairs,
+    }
     resolved = load_config(profile, config, overrides)
     reporter = RichReporter(quiet)
     try:

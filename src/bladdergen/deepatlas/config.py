@@ -56,11 +56,13 @@ class DeepAtlasConfig:
     the anatomy term and registration as augmentation use the images as they are.
     ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
     anatomy plausibility check (:mod:`bladdergen.evaluate.anatomy`) leave the pool.
-    ``synthetic_pairs``: a ``--synthetic`` sample whose generated label map passed ``sample``'s
-    anatomy checks is a labeled case (also for ``--supervised-only``: the "supervised + synthetic
-    pairs" arm); samples without a (plausible) label stay unlabeled images. In supervised draws a
-    synthetic pair is picked ``synthetic_pair_weight`` times as often as a real labeled case (0.5:
-    a prior, not a measured optimum).
+    ``synthetic_pairs`` (off by default): a ``--synthetic`` sample whose generated label map passed
+    ``sample``'s anatomy checks is a labeled case (also for ``--supervised-only``: the "supervised +
+    synthetic pairs" arm); samples without a (plausible) label stay unlabeled images. In supervised
+    draws a synthetic pair is picked ``synthetic_pair_weight`` times as often as a real labeled
+    case. Off, every synthetic volume is an unlabeled image, as in the paper: pairs from the tiny
+    profile's generator lowered held-out wall Dice by 0.14-0.19 (docs/benchmarks.md), because its
+    images do not yet follow their labels.
 
     Schedule (global step = one optimiser update of either network): ``reg_pretrain_steps`` of
     unsupervised registration, then ``seg_pretrain_steps`` of supervised segmentation, then cycles
@@ -102,7 +104,7 @@ class DeepAtlasConfig:
     augment_shift: float = 0.05
     augment_intensity: float = 0.1
     # synthetic CT + label pairs from `sample` (--synthetic) as labeled data
-    synthetic_pairs: bool = True
+    synthetic_pairs: bool = False
     synthetic_pair_weight: float = 0.5
     synthetic_filter: bool = True
     # optimisation and schedule
