@@ -8,6 +8,10 @@ per test case (averaged over seeds), with the same bootstrap CI, and prints the 
     python bench/compare_gain.py --reference /tmp/noaug --changed /tmp/aug --arm supervised \\
         --labeled 4 --seeds 0 1 2
 
+``--changed-arm`` pairs another arm of ``--changed`` with ``--arm`` of ``--reference`` (e.g.
+``deepatlas+synthetic`` against ``deepatlas``: what the synthetic volumes add); the two outputs
+may then be one folder.
+
 Both outputs must score the same test cases (same ``--test-cases`` and data seed); the rows are
 matched by case id and a case missing from either side is left out of the difference.
 """
@@ -28,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", type=Path, required=True, help="bench_gain.py --out")
     parser.add_argument("--changed", type=Path, required=True, help="bench_gain.py --out")
     parser.add_argument("--arm", default="supervised", choices=bench_gain.ARMS)
+    parser.add_argument(
+        "--changed-arm", choices=bench_gain.ARMS, help="the arm of --changed (default: --arm)"
+    )
     parser.add_argument("--labeled", type=int, nargs="+", default=[4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--bootstrap", type=int, default=2000)
@@ -35,14 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def paired_runs(reference: dict, changed: dict, arm: str) -> dict:
+def paired_runs(reference: dict, changed: dict, arm: str, changed_arm: str | None = None) -> dict:
     """One results dict: ``reference``'s ``arm`` runs as ``supervised`` (the side differences are
-    taken to), ``changed``'s as ``deepatlas``, so :func:`bench_gain.summarise` pairs them."""
+    taken to), ``changed``'s ``changed_arm`` (default ``arm``) runs as ``deepatlas``, so
+    :func:`bench_gain.summarise` pairs them."""
     merged = {}
-    for runs, side in ((reference, "supervised"), (changed, "deepatlas")):
+    sides = ((reference, arm, "supervised"), (changed, changed_arm or arm, "deepatlas"))
+    for runs, wanted, side in sides:
         for key, rows in runs.items():
             n, seed, name = key.split("/")
-            if name == arm:
+            if name == wanted:
                 merged[f"{n}/{seed}/{side}"] = rows
     return merged
 
@@ -57,15 +66,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: not found (run bench_gain.py --out {folder} first)", file=sys.stderr)
             return 2
         runs.append(json.loads(path.read_text())["runs"])
-    merged = paired_runs(runs[0], runs[1], args.arm)
+    changed_arm = args.changed_arm or args.arm
+    merged = paired_runs(runs[0], runs[1], args.arm, changed_arm)
     table = bench_gain.summarise(
         merged, ["supervised", "deepatlas"], args.labeled, args.seeds, args.bootstrap
     )
-    labels = {"supervised": f"{args.arm} ({args.reference})", "deepatlas": str(args.changed)}
+    labels = {
+        "supervised": f"{args.arm} ({args.reference})",
+        "deepatlas": f"{changed_arm} ({args.changed})",
+    }
     for entry in table:
         entry["arm"] = labels[entry["arm"]]
     lines = bench_gain.table_lines(table)
-    out = "\n".join(lines) + f"\n\nΔ = {args.changed} − {args.reference}, arm {args.arm}.\n"
+    out = (
+        "\n".join(lines)
+        + f"\n\nΔ = {changed_arm} of {args.changed} − {args.arm} of {args.reference}.\n"
+    )
     print(out)
     (args.changed / f"compare_{name}.json").write_text(json.dumps(table, indent=1))
     return 0

@@ -90,6 +90,28 @@ def test_compare_gain_pairs_one_arm_of_two_outputs_case_by_case(bench_gain):
     assert changed_entry["tumor_false_positive_rate"] == pytest.approx(1.0)
 
 
+def test_compare_gain_pairs_two_arms_of_one_output(bench_gain):
+    spec = importlib.util.spec_from_file_location(
+        "compare_gain", SCRIPT.with_name("compare_gain.py")
+    )
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    runs = {
+        "2/0/supervised": [_row("a", 0, None, False)],
+        "2/0/deepatlas": [_row("a", 0, None, False)],
+        "2/0/deepatlas+synthetic": [_row("a", 0, None, False)],
+    }
+    runs["2/0/supervised"][0]["wall_dice"] = 0.1  # not one of the two sides: left out
+    runs["2/0/deepatlas+synthetic"][0]["wall_dice"] = 0.75
+    merged = compare.paired_runs(runs, runs, "deepatlas", "deepatlas+synthetic")
+    assert merged == {
+        "2/0/supervised": runs["2/0/deepatlas"],
+        "2/0/deepatlas": runs["2/0/deepatlas+synthetic"],
+    }
+    table = bench_gain.summarise(merged, ["supervised", "deepatlas"], [2], [0], 50)
+    assert table[1]["wall_dice_diff"][0] == pytest.approx(0.75 - 0.5)
+
+
 def test_a_deepatlas_job_runs_after_the_baseline_whose_handoff_it_takes(bench_gain, monkeypatch):
     order = []
     monkeypatch.setattr(bench_gain, "train_and_score", lambda job: {"key": job["key"]})
