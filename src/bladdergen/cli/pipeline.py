@@ -28,7 +28,7 @@ def demo(
     profile: Annotated[
         str,
         typer.Option(
-            "--profile", "-p", help="tiny (CPU, 17-23 min on 2 cores) or paper (24 GB GPU)."
+            "--profile", "-p", help="tiny (CPU, 15-23 min on 2 cores) or paper (24 GB GPU)."
         ),
     ] = "tiny",
     config: ConfigOption = None,
