@@ -21,6 +21,17 @@ def bench_gain():
     return module
 
 
+@pytest.fixture(scope="module")
+def compare(bench_gain):
+    """bench/compare_gain.py (it imports its sibling bench_gain, loaded first)."""
+    spec = importlib.util.spec_from_file_location(
+        "compare_gain", SCRIPT.with_name("compare_gain.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _row(case_id, tumor_voxels, tumor_dice, predicted):
     return {
         "case_id": case_id,
@@ -63,12 +74,7 @@ def test_rows_scored_before_sizes_were_recorded_count_in_neither_size_group(benc
     assert entry["tumor_dice_small"] is None and entry["tumor_dice_large"] is None
 
 
-def test_compare_gain_pairs_one_arm_of_two_outputs_case_by_case(bench_gain):
-    spec = importlib.util.spec_from_file_location(
-        "compare_gain", SCRIPT.with_name("compare_gain.py")
-    )
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+def test_compare_gain_pairs_one_arm_of_two_outputs_case_by_case(bench_gain, compare):
     reference = {
         "4/0/supervised": [_row("a", 300, 0.4, True), _row("b", 0, None, False)],
         "4/0/deepatlas": [_row("a", 300, 0.9, True)],  # another arm: not compared
@@ -90,12 +96,7 @@ def test_compare_gain_pairs_one_arm_of_two_outputs_case_by_case(bench_gain):
     assert changed_entry["tumor_false_positive_rate"] == pytest.approx(1.0)
 
 
-def test_compare_gain_pairs_two_arms_of_one_output(bench_gain):
-    spec = importlib.util.spec_from_file_location(
-        "compare_gain", SCRIPT.with_name("compare_gain.py")
-    )
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+def test_compare_gain_pairs_two_arms_of_one_output(bench_gain, compare):
     runs = {
         "2/0/supervised": [_row("a", 0, None, False)],
         "2/0/deepatlas": [_row("a", 0, None, False)],
