@@ -65,7 +65,7 @@ def run_speed(args: argparse.Namespace) -> None:
     latent_shape = vqgan.latent_shape(_volume_shape(args.profile))
     model = build_denoiser(latent_shape[0], config.ldm).to(device).eval()
     schedule = NoiseSchedule.create(config.ldm.schedule, config.ldm.timesteps)
-    scaler = LatentScaler(*vqgan.codebook_range())
+    scaler = LatentScaler.from_codebook(*vqgan.codebook_range(), latent_shape[0])
     rows = []
     for kind, steps in (("ddim", 50), ("ddpm", config.ldm.timesteps)):
         sampler = make_sampler(kind, schedule, steps)
@@ -169,7 +169,7 @@ def run_quality(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     trained, metadata, _ = load_ldm(Path(args.ldm), device)
     vqgan, _ = load_vqgan(metadata["vqgan_path"], device)
-    scaler = LatentScaler.from_dict(metadata["scaler"])
+    scaler = LatentScaler.from_dict(metadata["scaler"], metadata["latent_shape"][0])
     window = tuple(metadata["window"])
     ldm_config = metadata["resolved_ldm_config"]
     schedule = NoiseSchedule.create(ldm_config.schedule, ldm_config.timesteps)
@@ -190,7 +190,8 @@ def run_quality(args: argparse.Namespace) -> None:
     untrained = build_denoiser(latent_shape[0], ldm_config).eval()
 
     def generate(model) -> tuple[torch.Tensor, list[np.ndarray]]:
-        sampler = make_sampler(args.sampler, schedule, args.steps)
+        bounds = scaler.clip_bounds(torch.zeros(()))
+        sampler = make_sampler(args.sampler, schedule, args.steps, bounds=bounds)
         generators = [torch.Generator().manual_seed(1000 + i) for i in range(args.n)]
         with torch.no_grad():
             x = per_sample_noise(latent_shape, generators, device)

@@ -650,7 +650,7 @@ def _sampling_parts(ctx: Context):
         config.sample.clip_x0,
         config.sample.eta,
     )
-    scaler = LatentScaler(*vqgan.codebook_range())
+    scaler = LatentScaler.from_codebook(*vqgan.codebook_range(), latent_shape[0])
     return vqgan.eval(), denoiser.eval(), sampler, scaler, latent_shape
 
 

@@ -46,6 +46,16 @@ def test_clipping_clamps_the_predicted_clean_sample_to_unit_range():
     assert torch.allclose(out, torch.tensor([1.0]))
 
 
+def test_clipping_uses_per_channel_bounds_when_given():
+    low = torch.tensor([-1.0, -3.0]).view(1, 2, 1)
+    high = torch.tensor([2.0, 0.5]).view(1, 2, 1)
+    sampler = DDIMSampler(SCHEDULE, steps=3, clip_x0=True, bounds=(low, high))
+    # x0 estimate at the last step is x_t / sqrt(0.9) with eps = 0: 3 / 0.9487 = 3.16 and -3.16
+    x_t = torch.tensor([[3.0, -3.0], [3.0, -3.0]]).view(1, 2, 2)
+    out = sampler.step(torch.zeros_like(x_t), 2, x_t, None)
+    assert torch.allclose(out, torch.tensor([[2.0, -1.0], [0.5, -3.0]]).view(1, 2, 2))
+
+
 def _gaussian_oracle(schedule: NoiseSchedule, mu: float, sigma: float):
     """The exact noise predictor E[eps | x_t] for data ~ N(mu, sigma^2)."""
 

@@ -30,10 +30,36 @@ def trained_run(tiny_dataset, vqgan_run, tmp_path_factory):
 
 
 def test_latent_scaler_maps_the_codebook_range_onto_minus_one_to_one():
-    scaler = LatentScaler(low=-3.0, high=5.0)
-    z = torch.tensor([-3.0, 1.0, 5.0, 7.0])
-    assert torch.allclose(scaler.to_unit(z), torch.tensor([-1.0, 0.0, 1.0, 1.5]))
+    scaler = LatentScaler.from_codebook(-3.0, 5.0, channels=2)
+    z = torch.tensor([-3.0, 1.0, 5.0, 7.0]).view(1, 1, 4, 1, 1).expand(1, 2, 4, 1, 1)
+    expected = torch.tensor([-1.0, 0.0, 1.0, 1.5]).view(1, 1, 4, 1, 1).expand(1, 2, 4, 1, 1)
+    assert torch.allclose(scaler.to_unit(z), expected)
     assert torch.allclose(scaler.from_unit(scaler.to_unit(z)), z)
+    low, high = scaler.clip_bounds(z)
+    assert low.flatten().tolist() == [-1.0, -1.0] and high.flatten().tolist() == [1.0, 1.0]
+
+
+def test_standardized_latents_have_zero_mean_and_unit_variance_per_channel():
+    # channel 0 holds 1 and 3 (mean 2, sample std sqrt(2)), channel 1 holds 10 and 30
+    latents = torch.tensor([[1.0, 3.0], [10.0, 30.0]]).view(1, 2, 2, 1, 1)
+    codes = torch.tensor([[0.0, 20.0], [4.0, 40.0]])  # (K=2 codes, D=2 channels)
+    scaler = LatentScaler.standardized(latents, codes)
+    unit = scaler.to_unit(latents)
+    root2 = 2.0**0.5
+    assert torch.allclose(unit.flatten(), torch.tensor([-1, 1, -1, 1]) / root2)
+    low, high = scaler.clip_bounds(unit)  # codebook min/max per channel, in the same units
+    assert torch.allclose(low.flatten(), torch.tensor([-2 / root2, 0.0]))
+    assert torch.allclose(high.flatten(), torch.tensor([2 / root2, 20 / (10 * root2)]))
+    assert torch.allclose(scaler.from_unit(unit), latents)
+
+
+def test_a_scaler_round_trips_through_its_metadata_and_reads_the_old_low_high_form():
+    latents = torch.randn(3, 4, 2, 2, 2) * 3 + 1
+    scaler = LatentScaler.standardized(latents, torch.randn(5, 4))
+    assert LatentScaler.from_dict(scaler.to_dict()) == scaler
+    legacy = LatentScaler.from_dict({"low": -2.0, "high": 6.0}, channels=4)
+    assert legacy == LatentScaler.from_codebook(-2.0, 6.0, channels=4)
+    assert legacy.center == (2.0,) * 4 and legacy.spread == (4.0,) * 4
 
 
 def test_training_writes_weights_state_config_metrics_and_latent_cache(trained_run, vqgan_run):
@@ -46,10 +72,32 @@ def test_training_writes_weights_state_config_metrics_and_latent_cache(trained_r
     vqgan, vq_meta = load_vqgan(vqgan_run)
     low, high = vqgan.codebook_range()
     assert metadata["kind"] == "ldm" and metadata["step"] == 4
-    assert metadata["scaler"] == pytest.approx({"low": low, "high": high})
+    scaler = LatentScaler.from_dict(metadata["scaler"])
+    assert scaler.scaling == "codebook"
+    assert scaler.center == pytest.approx(((high + low) / 2,) * 8)
+    assert scaler.spread == pytest.approx(((high - low) / 2,) * 8)
     assert metadata["vqgan_hash"] == vq_meta["weights_sha256"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_standardize_scaling_records_the_training_latents_mean_and_spread_and_samples(
+    tiny_dataset, vqgan_run, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from bladdergen.diffusion.sample import sample_volumes
+
+    config = micro_config(**{"ldm.latent_scaling": "standardize"})
+    train_ldm(config.ldm, tiny_dataset, tmp_path / "ldm", vqgan_run)
+    scaler = LatentScaler.from_dict(read_metadata(tmp_path / "ldm/model.safetensors")["scaler"])
+    cache = next((tmp_path / "ldm/latents").glob("latents-*.safetensors"))
+    latents = load_file(cache)["latents"].double()  # (N, D, x, y, z), computed here again
+    assert scaler.scaling == "standardize"
+    assert scaler.center == pytest.approx(latents.mean(dim=(0, 2, 3, 4)).tolist(), rel=1e-6)
+    assert scaler.spread == pytest.approx(latents.std(dim=(0, 2, 3, 4)).tolist(), rel=1e-6)
+    result = sample_volumes(config, tmp_path / "ldm", tmp_path / "samples", 2)
+    assert result["complete"] == 2
 
 
 def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(

@@ -23,7 +23,9 @@ class LDMConfig:
     in every attention block, depth attention with a learned relative position bias clamped at
     ``max_relative_distance`` slices.
     Diffusion: ``timesteps`` steps of a ``schedule`` noise schedule, ``loss`` between true and
-    predicted noise. EMA: every ``ema_every`` optimiser steps from ``ema_start`` (before that the
+    predicted noise. ``latent_scaling``: how latents enter diffusion space, ``codebook`` (the
+    paper: the codebook's global min/max to [-1, 1]) or ``standardize`` (unit mean and variance
+    per channel; see :class:`bladdergen.diffusion.latents.LatentScaler`). EMA: every ``ema_every`` optimiser steps from ``ema_start`` (before that the
     EMA copy follows the live weights).
     """
 
@@ -35,6 +37,7 @@ class LDMConfig:
     norm_groups: int = 8
     max_relative_distance: int = 32
     # diffusion
+    latent_scaling: Literal["codebook", "standardize"] = "codebook"
     timesteps: int = 300
     schedule: Literal["cosine", "linear"] = "cosine"
     loss: Literal["l1", "l2"] = "l1"
@@ -94,7 +97,8 @@ class SampleConfig:
 
     ``sampler``: ``ddim`` (deterministic with ``eta`` 0, ~50 steps) or ``ddpm`` (ancestral; with
     ``steps`` equal to the training T it is the paper's sampler). ``clip_x0`` clamps each step's
-    predicted clean latent to [-1, 1] (the codebook range) as the paper does. ``previews`` writes a
+    predicted clean latent to the codebook's range ([-1, 1] with the paper's codebook scaling) as
+    the paper does. ``previews`` writes a
     PNG montage of all axial slices next to every volume (the generated label outlined on it).
 
     ``layout``: ``bladdergen`` (images at the top of OUT, ``labels/`` in the dataset's values) or

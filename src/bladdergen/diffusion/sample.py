@@ -229,13 +229,14 @@ def sample_volumes(
             f"{vq_meta['path']}: is not the VQ-GAN this LDM was trained with (weights hash "
             f"{str(vq_meta.get('weights_sha256'))[:12]}, expected {metadata['vqgan_hash'][:12]})"
         )
-    scaler = LatentScaler.from_dict(metadata["scaler"])
     window = tuple(float(w) for w in metadata["window"])
     affine = np.asarray(metadata["affine"], dtype=np.float64)
     latent_shape = tuple(int(s) for s in metadata["latent_shape"])
+    scaler = LatentScaler.from_dict(metadata["scaler"], latent_shape[0])
     ldm_config = metadata["resolved_ldm_config"]
     schedule = NoiseSchedule.create(ldm_config.schedule, ldm_config.timesteps)
-    sampler = make_sampler(cfg.sampler, schedule, cfg.steps, cfg.clip_x0, cfg.eta)
+    bounds = scaler.clip_bounds(torch.zeros((), device=device))
+    sampler = make_sampler(cfg.sampler, schedule, cfg.steps, cfg.clip_x0, cfg.eta, bounds)
 
     # a VQ-GAN whose label decoder learned from labeled cases decodes each sample's labels too
     paired = bool(vq_meta.get("labels_trained")) and vqgan.label_decoder is not None

@@ -38,13 +38,22 @@ def per_sample_noise(
     return torch.stack(rows).to(device)
 
 
+Bounds = tuple[float | torch.Tensor, float | torch.Tensor]
+
+
 class _Sampler:
-    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True) -> None:
+    """``bounds``: where ``clip_x0`` clamps the predicted clean latent, (low, high) as floats or
+    tensors broadcastable to it (per-channel bounds: (1, C, 1, 1, 1))."""
+
+    def __init__(
+        self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, bounds: Bounds = (-1, 1)
+    ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.schedule = schedule
         self.timesteps = spaced_timesteps(schedule.timesteps, steps)
         self.clip_x0 = clip_x0
+        self.bounds = bounds
 
     def _alpha_bars(self, index: int) -> tuple[float, float]:
         """alpha_bar at visited step ``index`` and at the next visited (less noisy) one (1 at the end)."""
@@ -54,9 +63,9 @@ class _Sampler:
         return float(table[t]), (1.0 if prev is None else float(table[prev]))
 
     def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
-        """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``, clamped to [-1, 1] when ``clip_x0``."""
+        """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``, clamped to ``bounds`` when ``clip_x0``."""
         x0 = (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
-        return x0.clamp(-1.0, 1.0) if self.clip_x0 else x0
+        return x0.clamp(*self.bounds) if self.clip_x0 else x0
 
     def step(
         self, eps: torch.Tensor, index: int, x_t: torch.Tensor, noise: torch.Tensor | None
@@ -122,9 +131,14 @@ class DDIMSampler(_Sampler):
     """Song et al.'s DDIM: deterministic with ``eta = 0``; ``eta = 1`` matches DDPM's variance."""
 
     def __init__(
-        self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, eta: float = 0.0
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        clip_x0: bool = True,
+        eta: float = 0.0,
+        bounds: Bounds = (-1, 1),
     ) -> None:
-        super().__init__(schedule, steps, clip_x0)
+        super().__init__(schedule, steps, clip_x0, bounds)
         self.eta = eta
 
     def needs_noise(self, index: int) -> bool:
@@ -146,11 +160,16 @@ class DDIMSampler(_Sampler):
 
 
 def make_sampler(
-    kind: str, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, eta: float = 0.0
+    kind: str,
+    schedule: NoiseSchedule,
+    steps: int,
+    clip_x0: bool = True,
+    eta: float = 0.0,
+    bounds: Bounds = (-1, 1),
 ) -> _Sampler:
     """``kind`` ``ddpm`` or ``ddim`` -> a sampler visiting ``steps`` timesteps."""
     if kind == "ddpm":
-        return DDPMSampler(schedule, steps, clip_x0)
+        return DDPMSampler(schedule, steps, clip_x0, bounds)
     if kind == "ddim":
-        return DDIMSampler(schedule, steps, clip_x0, eta)
+        return DDIMSampler(schedule, steps, clip_x0, eta, bounds)
     raise ValueError(f"unknown sampler {kind!r}")

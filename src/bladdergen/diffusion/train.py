@@ -127,12 +127,12 @@ def train_ldm(
         run_dir, RUN_KIND, cfg, runtime, seed=seed, resume=resume, reporter=reporter, facts=facts
     )
 
-    scaler = LatentScaler(*vqgan.codebook_range())
     cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else run.path / LATENTS_DIR
     with main_process_first(runtime):
         latents, cache_path = cached_latents(
             vqgan, vqgan_hash, dataset, cache_dir, device, run.reporter
         )
+    scaler = LatentScaler.create(cfg.latent_scaling, latents, vqgan.codebook.embeddings.cpu())
     del vqgan  # frozen encoder no longer needed: free its memory for the denoiser
     data = scaler.to_unit(latents)  # (N, D, x, y, z) in diffusion space
     latent_shape = tuple(data.shape[1:])
