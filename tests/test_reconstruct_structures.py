@@ -80,3 +80,47 @@ def test_reconstruct_reports_structures_against_the_trilinear_baseline(tiny_data
     assert result["structures"]["label_plausible_truth"] == 1.0
     labeled = [c for c in result["cases"] if "wall_hu_error" in c]
     assert len(labeled) == 4  # the fixture's labeled cases
+
+
+def test_a_segmenter_that_reads_every_volume_as_its_true_labels_scores_one_except_against_decoding(
+    tiny_dataset, tmp_path
+):
+    from bladdergen.config import load_config
+    from bladdergen.data.dataset import PreprocessedSet
+    from bladdergen.vqgan.reconstruct import reconstruct_set
+    from bladdergen.vqgan.train import train_vqgan
+
+    dataset = PreprocessedSet.open(tiny_dataset)
+    truths = {dataset.load_image(c).tobytes(): dataset.load_label(c) for c in dataset.labeled_cases}
+
+    class Oracle:
+        """Returns the true label map of the case it is shown (the input or, being called on it
+        next, its reconstruction)."""
+
+        window = dataset.window
+        current = None
+
+        def classes(self, image):
+            self.current = truths.get(image.tobytes(), self.current)
+            return self.current
+
+    overrides = {"vqgan.max_steps": 2, "vqgan.disc_start": 100, "vqgan.device": "cpu"}
+    overrides |= {"vqgan.n_hiddens": 4, "vqgan.n_codes": 32, "vqgan.num_groups": 4}
+    train_vqgan(load_config("tiny", overrides=overrides).vqgan, tiny_dataset, tmp_path / "vq")
+    result = reconstruct_set(tmp_path / "vq", tiny_dataset, device="cpu", segmenter=Oracle())
+    for case in (c for c in result["cases"] if "label_dice_wall" in c):
+        assert case["segmenter_dice_wall_input"] == 1.0
+        assert case["segmenter_dice_wall"] == 1.0
+        # against the decoded labels it scores what the label decoder scores against the truth
+        assert case["segmenter_dice_wall_decoded"] == pytest.approx(case["label_dice_wall"])
+
+
+def test_a_segmenter_of_another_hu_window_is_refused_naming_both_windows(tiny_dataset, tmp_path):
+    from bladdergen.errors import InputError
+    from bladdergen.vqgan.reconstruct import reconstruct_set
+
+    class OtherWindow:
+        window = (-1000.0, 1000.0)
+
+    with pytest.raises(InputError, match=r"\[-1000.0, 1000.0\].*expected the same window"):
+        reconstruct_set(tmp_path / "absent", tiny_dataset, segmenter=OtherWindow())

@@ -182,22 +182,34 @@ def test_cosine_schedule_runs_from_lr_to_a_tenth_and_constant_stays_put():
     assert learning_rate(constant.vqgan, 3) == 1e-3
 
 
-def test_lumen_targets_mark_the_enclosed_urine_of_labeled_cases_only():
+def test_region_targets_mark_the_enclosed_urine_and_a_shell_around_the_bladder():
     from bladdergen.vqgan.model import LUMEN
-    from bladdergen.vqgan.train import UNLABELED, with_lumen
+    from bladdergen.vqgan.train import SHELL, UNLABELED, with_regions
 
-    labeled = torch.zeros(7, 7, 2, dtype=torch.int64)
-    labeled[1:6, 1:6, 0] = 1  # a square wall ring on slice 0 ...
-    labeled[2:5, 2:5, 0] = 0  # ... around 3x3 urine voxels
-    labeled[1, 3, 0] = 2  # a tumor voxel in the ring keeps it closed
-    labeled[1:4, 1:4, 1] = 1  # slice 1: a solid patch encloses nothing
-    unlabeled = torch.full((7, 7, 2), UNLABELED, dtype=torch.int64)
-    marked = with_lumen(torch.stack([labeled, unlabeled])[:, None])
+    labeled = torch.zeros(11, 11, 2, dtype=torch.int64)
+    labeled[3:8, 3:8, 0] = 1  # a square wall ring on slice 0 ...
+    labeled[4:7, 4:7, 0] = 0  # ... around 3x3 urine voxels
+    labeled[3, 5, 0] = 2  # a tumor voxel in the ring keeps it closed
+    unlabeled = torch.full((11, 11, 2), UNLABELED, dtype=torch.int64)
+    marked = with_regions(torch.stack([labeled, unlabeled])[:, None])
 
     expected = labeled.clone()
-    expected[2:5, 2:5, 0] = LUMEN
-    assert torch.equal(marked[0, 0], expected)
+    expected[1:10, 1:10, 0] = SHELL  # two voxels around the 5x5 bladder, in-plane only
+    expected[3:8, 3:8, 0] = labeled[3:8, 3:8, 0]
+    expected[4:7, 4:7, 0] = LUMEN
+    assert torch.equal(marked[0, 0], expected)  # slice 1 has no bladder: nothing marked
     assert torch.equal(marked[1, 0], unlabeled)
+
+
+def test_region_l1_weighs_each_structure_the_same_whatever_its_size():
+    from bladdergen.vqgan.model import LUMEN
+    from bladdergen.vqgan.train import SHELL, region_l1
+
+    classes = torch.tensor([1, 1, 1, 2, LUMEN, LUMEN, SHELL, 0]).view(1, 1, 8, 1, 1)
+    error = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.4, 0.6, 0.8, 5.0]).view(1, 1, 8, 1, 1)
+    # wall 0.2, tumor 0.9, urine 0.5, shell 0.8; background (5.0) is not a region
+    assert float(region_l1(error, classes)) == pytest.approx((0.2 + 0.9 + 0.5 + 0.8) / 4)
+    assert region_l1(error, torch.zeros_like(classes)) is None
 
 
 def test_slice_ssim_is_one_for_repeated_slices_and_low_for_independent_noise():

@@ -98,6 +98,14 @@ def reconstruct_command(
             help="Folder for reconstructions (images/<case>.nii.gz) and reconstruct.json.",
         ),
     ] = None,
+    seg_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--seg-model",
+            help="train-deepatlas run folder or checkpoint trained on real cases: its wall Dice "
+            "on the inputs, on the reconstructions and against the decoded labels.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -107,11 +115,18 @@ def reconstruct_command(
     Also reports a baseline: down- and up-sampling of each volume by the VQ-GAN's own factors
     (trilinear both ways, and box average down + trilinear up). Per-case values with --json.
     """
+    from bladdergen.data.config import PreprocessConfig
+    from bladdergen.evaluate.anatomy import load_segmenter
     from bladdergen.vqgan.reconstruct import reconstruct_set
 
+    segmenter = None
+    if seg_model is not None:  # its checkpoint records its window; checked against the set's
+        segmenter = load_segmenter(seg_model, device, PreprocessConfig().window)
     reporter = RichReporter(quiet)
     try:
-        result = reconstruct_set(vqgan, data_dir, device=device, out_dir=out, reporter=reporter)
+        result = reconstruct_set(
+            vqgan, data_dir, device=device, out_dir=out, reporter=reporter, segmenter=segmenter
+        )
     finally:
         reporter.stop()
     if not json_output:

@@ -14,6 +14,12 @@ trained label decoder, its Dice against the true labels and whether its label ma
 anatomy plausibility check that ``sample`` applies (against the set's own label ranges). The
 decoder's label maps of *real* latents are the ceiling for sampled ones: an LDM that reproduced the
 real latents exactly would pass the check no more often.
+
+With a ``segmenter`` (a segmentation model trained on real cases, ``--seg-model``) it also scores
+how well the reconstruction keeps what that model reads: its wall Dice on the input and on the
+reconstruction against the true labels, and on the reconstruction against the label decoder's map.
+The last is the ceiling for ``evaluate gen``'s paired-label score: a segmenter that cannot find
+the decoded wall in the decoded image of a *real* latent will not find it in a sampled one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch.nn.functional as F
 from bladdergen.data.dataset import PreprocessedSet
 from bladdergen.data.intensity import unit_to_hu
 from bladdergen.data.volumes import write_nifti
+from bladdergen.errors import InputError
+from bladdergen.evaluate.anatomy import Segmenter
 from bladdergen.fileio import atomic_write_json, check_inside, check_output_folder, json_safe
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import resolve_device
@@ -77,6 +85,7 @@ def reconstruct_set(
     device: str = "auto",
     out_dir: Path | None = None,
     reporter: Reporter = SILENT,
+    segmenter: Segmenter | None = None,
 ) -> dict[str, Any]:
     """Reconstruct every case of ``data_dir`` with the VQ-GAN at ``vqgan`` (run folder or file).
 
@@ -89,6 +98,11 @@ def reconstruct_set(
     if out_dir is not None:
         check_output_folder(Path(out_dir), OWNED_OUTPUTS, "reconstruct")
     dataset = PreprocessedSet.open(Path(data_dir))
+    if segmenter is not None and tuple(segmenter.window) != tuple(dataset.window):
+        raise InputError(
+            f"--seg-model: the segmentation model reads HU window {list(segmenter.window)}, "
+            f"{data_dir} was preprocessed with {list(dataset.window)}; expected the same window"
+        )
     torch_device = resolve_device(device)
     model, metadata = load_vqgan(Path(vqgan), device=torch_device)
     factors = tuple(model.config.downsample)
@@ -132,6 +146,7 @@ def reconstruct_set(
                         name + k: v
                         for k, v in structure_errors(recon_hu, truth_hu, classes).items()
                     }
+                predicted = None
                 if decodes_labels:
                     predicted = decoded_label_map(model, indices)
                     record["label_dice_wall"] = _dice(predicted == 1, classes == 1)
@@ -139,6 +154,13 @@ def reconstruct_set(
                     spacing = dataset.spacing(case)
                     record["label_plausible"] = _plausible(predicted, spacing, ranges)
                     record["label_plausible_truth"] = _plausible(classes, spacing, ranges)
+                if segmenter is not None:
+                    on_input = segmenter.classes(image) == 1
+                    on_recon = segmenter.classes(x_hat[0, 0].cpu().numpy()) == 1
+                    record["segmenter_dice_wall_input"] = _dice(on_input, classes == 1)
+                    record["segmenter_dice_wall"] = _dice(on_recon, classes == 1)
+                    if predicted is not None:
+                        record["segmenter_dice_wall_decoded"] = _dice(on_recon, predicted == 1)
             cases.append(record)
             if out_dir is not None:
                 target = check_inside(out_dir, Path(out_dir) / "images" / f"{case.case_id}.nii.gz")
@@ -188,6 +210,11 @@ STRUCTURE_KEYS = [
     )
     for prefix in ("", "trilinear_")
 ] + ["label_dice_wall", "label_dice_tumor", "label_plausible", "label_plausible_truth"]
+STRUCTURE_KEYS += [
+    "segmenter_dice_wall_input",
+    "segmenter_dice_wall",
+    "segmenter_dice_wall_decoded",
+]
 
 
 def adjacent_slice_ssim(volume: torch.Tensor) -> float:
