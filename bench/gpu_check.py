@@ -344,7 +344,7 @@ def _params_m(*modules: torch.nn.Module) -> float:
 # Stages
 
 
-VQGAN_TERMS = ("loss_ae", "loss_d", "l1", "l1_wall_tumor", "label_loss", "commitment", "g_2d")
+VQGAN_TERMS = ("loss_ae", "loss_d", "l1", "l1_regions", "label_loss", "commitment", "g_2d")
 
 
 def stage_vqgan(ctx: Context, batch: int) -> dict[str, Any]:

@@ -33,8 +33,9 @@ class VQGANConfig:
     perceptual (only with a local ``perceptual_weights``: a torchvision ResNet-50 state dict file for
     MONAI's PerceptualLoss) + after ``disc_start`` steps ``image_gan_weight``·G2d +
     ``video_gan_weight``·G3d + ``gan_feat_weight``·feature matching. On labeled cases also
-    ``region_weight``·L1 inside wall ∪ tumor (the structures segmentation needs, a few percent of
-    the voxels, whose 10-40 HU contrast a plain L1 averages away) and, with ``label_head``,
+    ``region_weight``·the mean of the L1 inside the wall, the tumor, the urine and a 2-voxel shell
+    of tissue around the bladder, each structure weighed alike (what segmentation reads: a few
+    percent of the voxels, whose 10-40 HU contrast a plain L1 averages away) and, with ``label_head``,
     ``label_weight``·(cross-entropy + foreground Dice) of the label decoder.
 
     Augmentation: ``flip_augmentation`` mirrors left-right (X) only; a flipped Y (anterior-posterior)
@@ -69,7 +70,8 @@ class VQGANConfig:
     # of its own, written as background: with urine and outside both "background" it was free to
     # grow the wall into the lumen (decoded walls 2-3x too thick, urine 8% of the bladder)
     label_lumen: bool = True
-    # extra L1 weight inside the bladder wall and tumor (labeled cases): keeps their low contrast
+    # extra L1 weight inside wall, tumor, urine and the tissue around (labeled cases): keeps their
+    # low contrast
     region_weight: float = 4.0
     gan_loss: Literal["hinge", "least_squares"] = "hinge"
     disc_start: int = 5000
