@@ -98,7 +98,9 @@ def sample_command(
     sampler: Annotated[
         str | None,
         typer.Option(
-            "--sampler", help="ddim (fast, deterministic) or ddpm (ancestral, as in the paper)."
+            "--sampler",
+            help="ddim (fast; with sample.eta 1, the default, it adds noise at each step, 0 is "
+            "deterministic) or ddpm (ancestral, as in the paper).",
         ),
     ] = None,
     steps: Annotated[
