@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 import torch.nn.functional as F
+from scipy import ndimage
 
 from bladdergen.checkpoint import WEIGHTS_NAME
 from bladdergen.data.bladder import filled_bladder, lumen
