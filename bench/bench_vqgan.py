@@ -116,7 +116,7 @@ def activation_estimate(profile: str, batch: int, paper_size: int) -> dict:
         disc2d = slice_discriminator(cfg)
     x = torch.empty(batch, 1, *shape, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x_hat = model.decoder(model.encoder(x))
+        x_hat = model.decode(model.encoder(x))  # with the label decoder it reads
         disc3d(x_hat)
         disc2d(pick_slices(x_hat, torch.zeros(batch, dtype=torch.long)))
     forward = saved[0]

@@ -163,3 +163,40 @@ def test_checkpoints_from_before_the_lumen_class_still_load(tmp_path):
     assert not loaded.config.label_lumen
     assert loaded.label_decoder is not None
     assert metadata["config"]["label_lumen"] is False
+
+
+def test_the_image_decoder_reads_the_label_decoders_class_probabilities():
+    model = _model()
+    last = model.decoder.conv_last.conv
+    assert model.decoder.condition_channels == 4  # background, wall, tumor, lumen
+    assert last.in_channels == model.config.n_hiddens + 4  # the last features + the classes
+    with torch.no_grad():  # let the last layer copy the wall probability at the centre tap
+        last.weight.zero_()
+        last.bias.zero_()
+        features = last.in_channels - model.decoder.condition_channels
+        last.weight[0, features + 1, 1, 1, 1] = 1.0  # condition channel 1: the wall
+    z_q = torch.randn(1, model.config.embedding_dim, 2, 2, 2)
+    wall = torch.softmax(model.decode_labels(z_q), dim=1)[:, 1:2]
+    assert torch.allclose(model.decode(z_q), wall, atol=1e-6)
+
+
+def test_the_image_loss_does_not_train_the_label_decoder():
+    model = _model().train()
+    x = torch.rand(1, 1, 16, 16, 8) * 2 - 1
+    out = model(x)
+    out.x_hat.sum().backward()
+    assert all(p.grad is None for p in model.label_decoder.parameters())
+    assert model.decoder.conv_last.conv.weight.grad is not None
+
+
+def test_checkpoints_from_before_the_image_read_the_labels_still_load(tmp_path):
+    x = torch.rand(1, 1, 16, 16, 8) * 2 - 1
+    old = _trained_once(_model(**{"vqgan.image_from_labels": False}), x)
+    save_vqgan(tmp_path / "old.safetensors", old, 1, (-100, 200), (16, 16, 8), 1.0)
+    tensors, stored = load_weights(tmp_path / "old.safetensors")
+    del stored["config"]["image_from_labels"]  # written before the option existed
+    save_weights(tmp_path / "older.safetensors", tensors, stored)
+    loaded, _ = load_vqgan(tmp_path / "older.safetensors")
+    assert loaded.decoder.condition_channels == 0
+    z_q = loaded.codebook.embed(torch.zeros(1, 4, 4, 4, dtype=torch.long))
+    assert torch.equal(loaded.decode(z_q), old.decode(z_q))

@@ -70,6 +70,9 @@ class VQGANConfig:
     # of its own, written as background: with urine and outside both "background" it was free to
     # grow the wall into the lumen (decoded walls 2-3x too thick, urine 8% of the bladder)
     label_lumen: bool = True
+    # the image decoder's last layer reads the label decoder's class probabilities, so a
+    # generated image draws its structures where its generated label map puts them
+    image_from_labels: bool = True
     # extra L1 weight inside wall, tumor, urine and the tissue around (labeled cases): keeps their
     # low contrast
     region_weight: float = 4.0

@@ -102,6 +102,7 @@ def load_vqgan(path_or_run_dir: Path | str, device: str | torch.device = "cpu"):
     stored = dict(metadata["config"])
     stored.setdefault("label_head", False)  # checkpoints from before the label decoder
     stored.setdefault("label_lumen", False)  # ... and from before its lumen class
+    stored.setdefault("image_from_labels", False)  # ... and from before the image read it
     try:
         config = from_mapping(VQGANConfig, stored, where=f"{path}: config")
     except ConfigError as error:

@@ -109,9 +109,14 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """(B, E, x, y, z) latent -> (B, C, X, Y, Z): the image (C = 1), or label logits (C = 3, or
-    4 with the lumen)."""
+    4 with the lumen).
 
-    def __init__(self, config: VQGANConfig, out_channels: int = 1) -> None:
+    With ``condition_channels`` K > 0 the last convolution also reads a (B, K, X, Y, Z) map at
+    full resolution (the image decoder: the label decoder's class probabilities)."""
+
+    def __init__(
+        self, config: VQGANConfig, out_channels: int = 1, condition_channels: int = 0
+    ) -> None:
         super().__init__()
         strides = stage_strides(config.downsample)
         width = config.n_hiddens * 2 ** len(strides)
@@ -132,15 +137,23 @@ class Decoder(nn.Module):
                 )
             )
             width = out
-        self.conv_last = SamePadConv3d(width, out_channels, (3, 3, 3))
+        self.condition_channels = condition_channels
+        self.conv_last = SamePadConv3d(width + condition_channels, out_channels, (3, 3, 3))
         self.checkpointing = config.activation_checkpointing
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if (condition is None) != (self.condition_channels == 0):
+            raise ValueError(
+                f"this decoder takes a {self.condition_channels}-channel condition map; "
+                f"got {'none' if condition is None else tuple(condition.shape)}"
+            )
         h = self.first(self.post_vq(z))
         for scale, stage in zip(self.scales, self.stages, strict=True):
             h = F.interpolate(h, scale_factor=scale, mode="nearest")
             for block in stage:
                 h = _maybe_checkpoint(block, h, self.checkpointing and self.training)
+        if condition is not None:
+            h = torch.cat([h, condition.to(h.dtype)], dim=1)
         return self.conv_last(h)
 
 
@@ -187,9 +200,11 @@ class VQGAN(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
         n_label = N_CLASSES + int(config.label_lumen)
         self.label_decoder = Decoder(config, n_label) if config.label_head else None
+        # the image drawn from the labels: its last layer reads the label decoder's map
+        conditioned = config.label_head and config.image_from_labels
+        self.decoder = Decoder(config, condition_channels=n_label if conditioned else 0)
         self.codebook = Codebook(
             config.n_codes,
             config.embedding_dim,
@@ -226,7 +241,17 @@ class VQGAN(nn.Module):
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """(B, E, x, y, z) quantised latent -> (B, 1, X, Y, Z) reconstruction."""
-        return self.decoder(z_q)
+        return self._decode_image(z_q, None)
+
+    def _decode_image(self, z_q: torch.Tensor, label_logits: torch.Tensor | None) -> torch.Tensor:
+        """The image decoder; with ``image_from_labels`` it reads the label decoder's class
+        probabilities (computed here unless ``label_logits`` are given), detached: the image
+        loss trains the image decoder to follow the labels, never the labels to suit the image."""
+        if self.decoder.condition_channels == 0:
+            return self.decoder(z_q)
+        if label_logits is None:
+            label_logits = self.decode_labels(z_q)
+        return self.decoder(z_q, torch.softmax(label_logits.float(), dim=1).detach())
 
     def decode_labels(self, z_q: torch.Tensor) -> torch.Tensor:
         """(B, E, x, y, z) quantised latent -> (B, K, X, Y, Z) label logits; needs ``label_head``."""
@@ -244,7 +269,7 @@ class VQGAN(nn.Module):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, x, y, z) code indices -> (B, 1, X, Y, Z) reconstruction."""
-        return self.decoder(self.codebook.embed(indices))
+        return self.decode(self.codebook.embed(indices))
 
     def forward(self, x: torch.Tensor) -> VQGANOutput:
         """Training pass: encode, quantise (EMA update in train mode), decode."""
@@ -252,7 +277,7 @@ class VQGAN(nn.Module):
         q = self.codebook(z_e)
         labels = self.label_decoder(q.z_q) if self.label_decoder is not None else None
         return VQGANOutput(
-            x_hat=self.decoder(q.z_q),
+            x_hat=self._decode_image(q.z_q, labels),
             label_logits=labels,
             z_e=z_e,
             z_q=q.z_q,
