@@ -10,7 +10,13 @@ per test case (averaged over seeds), with the same bootstrap CI, and prints the 
 
 ``--changed-arm`` pairs another arm of ``--changed`` with ``--arm`` of ``--reference`` (e.g.
 ``deepatlas+synthetic`` against ``deepatlas``: what the synthetic volumes add); the two outputs
-may then be one folder.
+may then be one folder. ``--changed-labeled N`` takes ``--changed``'s runs at N labeled cases
+instead of ``--labeled`` (one count then): e.g. a supervised *oracle* that also has the labels of
+the unlabeled pool against the supervised arm at 4 labeled cases, the most any use of those
+scans could add::
+
+    python bench/compare_gain.py --reference /tmp/g24 --changed /tmp/oracle --arm supervised \
+        --labeled 4 --changed-labeled 16
 
 Both outputs must score the same test cases (same ``--test-cases`` and data seed); the rows are
 matched by case id and a case missing from either side is left out of the difference.
@@ -36,21 +42,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--changed-arm", choices=bench_gain.ARMS, help="the arm of --changed (default: --arm)"
     )
     parser.add_argument("--labeled", type=int, nargs="+", default=[4])
+    parser.add_argument(
+        "--changed-labeled",
+        type=int,
+        default=None,
+        help="the labeled count of --changed's runs, paired with the one --labeled count",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--all-components", action="store_true")
     return parser.parse_args(argv)
 
 
-def paired_runs(reference: dict, changed: dict, arm: str, changed_arm: str | None = None) -> dict:
+def paired_runs(
+    reference: dict,
+    changed: dict,
+    arm: str,
+    changed_arm: str | None = None,
+    labeled: tuple[int, int] | None = None,
+) -> dict:
     """One results dict: ``reference``'s ``arm`` runs as ``supervised`` (the side differences are
     taken to), ``changed``'s ``changed_arm`` (default ``arm``) runs as ``deepatlas``, so
-    :func:`bench_gain.summarise` pairs them."""
+    :func:`bench_gain.summarise` pairs them. ``labeled`` (reference count, changed count): only
+    those runs, ``changed``'s filed under the reference's count."""
     merged = {}
-    sides = ((reference, arm, "supervised"), (changed, changed_arm or arm, "deepatlas"))
-    for runs, wanted, side in sides:
+    sides = ((reference, arm, "supervised", 0), (changed, changed_arm or arm, "deepatlas", 1))
+    for runs, wanted, side, which in sides:
         for key, rows in runs.items():
             n, seed, name = key.split("/")
+            if labeled is not None:
+                if int(n) != labeled[which]:
+                    continue
+                n = str(labeled[0])
             if name == wanted:
                 merged[f"{n}/{seed}/{side}"] = rows
     return merged
@@ -67,13 +90,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs.append(json.loads(path.read_text())["runs"])
     changed_arm = args.changed_arm or args.arm
-    merged = paired_runs(runs[0], runs[1], args.arm, changed_arm)
+    counts = None
+    if args.changed_labeled is not None:
+        if len(args.labeled) != 1:
+            print("--changed-labeled pairs with one --labeled count", file=sys.stderr)
+            return 2
+        counts = (args.labeled[0], args.changed_labeled)
+    merged = paired_runs(runs[0], runs[1], args.arm, changed_arm, counts)
     table = bench_gain.summarise(
         merged, ["supervised", "deepatlas"], args.labeled, args.seeds, args.bootstrap
     )
+    at = f", {args.changed_labeled} labeled" if counts else ""
     labels = {
         "supervised": f"{args.arm} ({args.reference})",
-        "deepatlas": f"{changed_arm} ({args.changed})",
+        "deepatlas": f"{changed_arm} ({args.changed}{at})",
     }
     for entry in table:
         entry["arm"] = labels[entry["arm"]]

@@ -113,6 +113,16 @@ def test_compare_gain_pairs_two_arms_of_one_output(bench_gain, compare):
     assert table[1]["wall_dice_diff"][0] == pytest.approx(0.75 - 0.5)
 
 
+def test_compare_gain_pairs_runs_at_another_labeled_count_with_the_reference_count(compare):
+    reference = {"4/0/supervised": [_row("a", 0, None, False)], "2/0/supervised": []}
+    changed = {"16/0/supervised": [_row("a", 0, None, False)], "4/0/supervised": []}
+    merged = compare.paired_runs(reference, changed, "supervised", labeled=(4, 16))
+    assert merged == {
+        "4/0/supervised": reference["4/0/supervised"],
+        "4/0/deepatlas": changed["16/0/supervised"],
+    }
+
+
 def test_a_deepatlas_job_runs_after_the_baseline_whose_handoff_it_takes(bench_gain, monkeypatch):
     order = []
     monkeypatch.setattr(bench_gain, "train_and_score", lambda job: {"key": job["key"]})
