@@ -200,3 +200,11 @@ def test_checkpoints_from_before_the_image_read_the_labels_still_load(tmp_path):
     assert loaded.decoder.condition_channels == 0
     z_q = loaded.codebook.embed(torch.zeros(1, 4, 4, 4, dtype=torch.long))
     assert torch.equal(loaded.decode(z_q), old.decode(z_q))
+
+
+def test_decode_pair_gives_the_image_and_label_map_of_decode_and_decode_label_classes():
+    model = _model().eval()
+    z_q = torch.randn(2, model.config.embedding_dim, 2, 2, 2)
+    image, classes = model.decode_pair(z_q)
+    assert torch.equal(image, model.decode(z_q))
+    assert torch.equal(classes, model.decode_label_classes(z_q))

@@ -311,10 +311,14 @@ def sample_volumes(
                 # decoded one at a time: batched convolutions may round differently, and a
                 # sample's files must not depend on its batch
                 latent = z_q[row : row + 1]
-                hu = unit_to_hu(vqgan.decode(latent).float()[0, 0].cpu().numpy(), window)
                 classes = None
                 if paired:
-                    classes = vqgan.decode_label_classes(latent)[0].cpu().numpy()
+                    image, decoded = vqgan.decode_pair(latent)
+                    classes = decoded[0].cpu().numpy()
+                else:
+                    image = vqgan.decode(latent)
+                hu = unit_to_hu(image.float()[0, 0].cpu().numpy(), window)
+                if paired:
                     anatomy = _label_checks(classes, affine, ranges)
                     atomic_write_json(layout.checks(out_dir, index), anatomy)
                     if cfg.keep == "plausible" and not anatomy["checks"]["plausible"]:

@@ -193,6 +193,13 @@ N_CLASSES = 3  # background, wall, tumor: the classes of a label map
 LUMEN = 3  # the label decoder's extra class with ``label_lumen``; written as background
 
 
+def _label_classes(logits: torch.Tensor) -> torch.Tensor:
+    """Label logits (B, K, X, Y, Z) -> (B, X, Y, Z) uint8 classes, the lumen written as 0."""
+    classes = logits.float().argmax(dim=1)
+    classes[classes == LUMEN] = 0
+    return classes.to(torch.uint8)
+
+
 class VQGAN(nn.Module):
     """The stage-1 autoencoder. Inputs are CT volumes in [-1, 1], shape (B, 1, X, Y, Z)."""
 
@@ -263,9 +270,14 @@ class VQGAN(nn.Module):
     def decode_label_classes(self, z_q: torch.Tensor) -> torch.Tensor:
         """(B, E, x, y, z) quantised latent -> (B, X, Y, Z) uint8 label map, 0 background (lumen
         included), 1 wall, 2 tumor: the most likely class per voxel."""
-        classes = self.decode_labels(z_q).float().argmax(dim=1)
-        classes[classes == LUMEN] = 0
-        return classes.to(torch.uint8)
+        return _label_classes(self.decode_labels(z_q))
+
+    @torch.no_grad()
+    def decode_pair(self, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, E, x, y, z) quantised latent -> (image (B, 1, X, Y, Z), label map (B, X, Y, Z)
+        uint8 as :meth:`decode_label_classes`), the label decoder run once for both."""
+        logits = self.decode_labels(z_q)
+        return self._decode_image(z_q, logits), _label_classes(logits)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, x, y, z) code indices -> (B, 1, X, Y, Z) reconstruction."""
