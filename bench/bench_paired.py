@@ -147,7 +147,7 @@ def markdown(result: dict) -> str:
     rows = [
         "| measure | measured | goal |",
         "|---|---|---|",
-        f"| samples passing the anatomy check (of {result['samples']}) | {f(plausible, 2)} | ≥ 0.80 |",
+        f"| samples passing the anatomy check (of {result['samples']}) | {f(plausible, 3)} | ≥ 0.80 |",
         f"| segmenter (real cases only) wall Dice vs generated labels | {f(paired.get('segmenter_dice_wall'))} | ≥ 0.6 |",
         f"| segmenter tumor Dice vs generated labels | {f(paired.get('segmenter_dice_tumor'))} | — |",
         f"| HU W1 inside the body, synthetic vs real (HU) | {f(result['hu_wasserstein'], 1)} | ≤ 1.5x real leave-one-out ({f(result['hu_wasserstein_real_to_real'], 1)}) |",
