@@ -139,11 +139,14 @@ LDM_TINY = {
     "channel_mults": [1, 2, 2],
     "attention_heads": 2,
     "attention_head_channels": 16,
-    "max_steps": 1200,  # ~4.5 min of `bladdergen demo` on 2 cores (docs/benchmarks.md#demo)
+    # phantom bench, 100 samples with DDIM eta 1, label maps passing every anatomy check: 1,200
+    # steps -> 16 and 3 (VQ-GAN seeds 0 and 1), 2,400 -> 40 and 29 (~9 min on one CPU core;
+    # `bladdergen demo` trains its own 600)
+    "max_steps": 2400,
     "batch_size": 4,
     "grad_accumulation": 1,
-    # at this budget the rate decides most (phantom bench, 100 samples with DDIM eta 1, label maps
-    # passing every anatomy check): 3e-4 -> 0, 1e-3 -> 28, 3e-3 -> 54; 2,400 steps at 1e-3 -> 48
+    # at 1,200 steps the rate decided most: 3e-4 -> 0, 1e-3 -> 28, 3e-3 -> 54 (an earlier
+    # VQ-GAN objective); 2,400 steps at 1e-3 -> 48
     "learning_rate": 3e-3,
     "ema_decay": 0.99,
     "ema_every": 1,

@@ -68,8 +68,8 @@ _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 # The demo's own budgets over the tiny profile's. Its generated volumes enter DeepAtlas only when
-# they pass the anatomy checks, which none did at the tiny profile's 400 VQ-GAN / 1,200 LDM steps
-# (0 of 16), so the 15-minute demo spends its time on the two segmentation arms instead
+# they pass the anatomy checks, which none did at the then tiny profile's 400 VQ-GAN / 1,200 LDM
+# steps (0 of 16), so the 15-minute demo spends its time on the two segmentation arms instead
 # (docs/benchmarks.md#demo); `bench/bench_paired.py` measures generation with the tiny budgets.
 DEMO_DEFAULTS = {"tiny": {"vqgan.max_steps": 300, "ldm.max_steps": 600}}
 
