@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bladdergen.diffusion.config import LDMConfig
-from bladdergen.diffusion.unet import DepthAttention, PseudoUNet3D
+from bladdergen.diffusion.unet import ChannelLayerNorm, DepthAttention, PseudoUNet3D
 from test_diffusion_fixtures import one_torch_thread  # noqa: F401
 
 SMALL = LDMConfig(
@@ -60,3 +60,15 @@ def test_depth_attention_bias_depends_only_on_clamped_slice_distance():
     assert bias.shape == (2, 5, 5)
     assert torch.equal(bias[:, 0, 1], bias[:, 3, 4])  # distance +1 twice
     assert torch.equal(bias[:, 0, 3], bias[:, 0, 4])  # +3 and +4 both clamp to +2
+
+
+def test_channel_layer_norm_normalises_each_voxel_over_its_channels():
+    norm = ChannelLayerNorm(6)
+    with torch.no_grad():
+        norm.gain.copy_(torch.arange(1.0, 7.0).view(1, 6, 1, 1, 1))
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64) * 3 + 1
+    # by hand, per voxel: subtract the channels' mean, divide by their population std
+    mean = x.mean(dim=1, keepdim=True)
+    std = ((x - mean) ** 2).mean(dim=1, keepdim=True).add(norm.eps).sqrt()
+    expected = (x - mean) / std * norm.gain.double()
+    assert torch.allclose(norm(x.float()).double(), expected, atol=1e-5)

@@ -315,16 +315,15 @@ def sample_volumes(
                 if paired:
                     image, decoded = vqgan.decode_pair(latent)
                     classes = decoded[0].cpu().numpy()
-                else:
-                    image = vqgan.decode(latent)
-                hu = unit_to_hu(image.float()[0, 0].cpu().numpy(), window)
-                if paired:
                     anatomy = _label_checks(classes, affine, ranges)
                     atomic_write_json(layout.checks(out_dir, index), anatomy)
                     if cfg.keep == "plausible" and not anatomy["checks"]["plausible"]:
                         continue  # rejected: its checks are recorded, its files not written
                     values = layout.label_values(classes, label_map)
                     write_nifti(layout.label(out_dir, index), values, affine, np.uint8)
+                else:
+                    image = vqgan.decode(latent)
+                hu = unit_to_hu(image.float()[0, 0].cpu().numpy(), window)
                 if cfg.previews:
                     preview = out_dir / PREVIEW_DIR / f"{sample_name(index)}.png"
                     write_preview(preview, hu, window, classes)
