@@ -1,5 +1,10 @@
 """The DeepAtlas schedule and pair sampling by label availability."""
 
+from dataclasses import replace
+
+import nibabel as nib
+import numpy as np
+
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.pairs import (
     labeled_batch,
@@ -8,7 +13,10 @@ from bladdergen.deepatlas.pairs import (
     segmentation_pairs,
     segmentation_updates,
     step_rng,
+    tumor_or,
 )
+from bladdergen.deepatlas.pools import PoolImage
+from bladdergen.deepatlas.train import _Images, _supervised_draw
 
 
 def test_segmentation_pairs_never_join_two_unlabeled_images():
@@ -95,3 +103,33 @@ def test_baseline_budget_counts_the_segmentation_updates_of_the_schedule():
         5,
         5,
     ]
+
+
+def test_weighted_tumor_draw_picks_tumor_cases_in_proportion_to_their_weights():
+    # tumor cases 0 (weight 1) and 5 (weight 0.25): a tumor draw is case 0 with probability
+    # 1 / 1.25 = 0.8; with fraction 1 every draw is a tumor draw
+    weights = np.array([1.0, 0.25])
+    picks = [tumor_or(step_rng(5, s), 9, [0, 5], 1.0, weights) for s in range(4000)]
+    assert set(picks) == {0, 5}
+    assert abs(picks.count(0) / len(picks) - 0.8) < 0.02  # binomial sd over 4000 draws: 0.0063
+
+
+def test_supervised_draws_weigh_synthetic_tumor_pairs_as_they_weigh_synthetic_pairs(tmp_path):
+    # 2 real cases (case 0 with a tumor) and 4 synthetic pairs, all with a tumor, weight 0.25.
+    # Any-case draw: synthetic with probability 4 * 0.25 / (2 + 1) = 1/3. Tumor draw (tumor cases
+    # 0 and the 4 pairs, weights 1 and 4 * 0.25): synthetic with probability 1/2. With
+    # tumor_case_fraction 0.5 a draw is synthetic with probability 0.5/3 + 0.5/2 = 5/12 (0.417);
+    # a uniform tumor draw would give 0.5/3 + 0.5 * 4/5 = 0.567.
+    def pool_image(name, source, tumor):
+        label = np.zeros((2, 2, 2), np.uint8)
+        label[0, 0, 0] = 2 if tumor else 1
+        nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / f"{name}.nii.gz")
+        return PoolImage(name, source, tmp_path / "unused.nii.gz", tmp_path / f"{name}.nii.gz")
+
+    real = [pool_image("real0", "labeled", True), pool_image("real1", "labeled", False)]
+    pairs = [pool_image(f"pair{i}", "synthetic", True) for i in range(4)]
+    images = _Images(real + pairs, [], capacity=8)
+    images.synthetic_weight = 0.25
+    cfg = replace(DeepAtlasConfig(), batch_size=1, tumor_case_fraction=0.5)
+    draws = [i for s in range(6000) for i in _supervised_draw(step_rng(6, s), images, cfg)]
+    assert abs(sum(i >= 2 for i in draws) / len(draws) - 5 / 12) < 0.02  # sd 0.0064

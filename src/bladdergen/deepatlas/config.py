@@ -59,8 +59,8 @@ class DeepAtlasConfig:
     ``synthetic_pairs`` (off by default): a ``--synthetic`` sample whose generated label map passed
     ``sample``'s anatomy checks is a labeled case (also for ``--supervised-only``: the "supervised +
     synthetic pairs" arm); samples without a (plausible) label stay unlabeled images. In supervised
-    draws a synthetic pair is picked ``synthetic_pair_weight`` times as often as a real labeled
-    case. Off, every synthetic volume is an unlabeled image, as in the paper: pairs from the tiny
+    draws, the tumor-aware ones included, a synthetic pair is picked ``synthetic_pair_weight``
+    times as often as a real labeled case. Off, every synthetic volume is an unlabeled image, as in the paper: pairs from the tiny
     profile's generator lowered held-out wall Dice by 0.14-0.19 (docs/benchmarks.md), because its
     images do not yet follow their labels.
 

@@ -116,11 +116,20 @@ def segmentation_pairs(
     return pairs
 
 
-def tumor_or(rng: np.random.Generator, index: int, tumor_cases: list[int], fraction: float) -> int:
-    """One of ``tumor_cases`` (uniform) with probability ``fraction``, else ``index``: the
-    tumor-aware draw of supervised batches and, optionally, of segmentation pairs."""
+def tumor_or(
+    rng: np.random.Generator,
+    index: int,
+    tumor_cases: list[int],
+    fraction: float,
+    weights: np.ndarray | None = None,
+) -> int:
+    """One of ``tumor_cases`` with probability ``fraction``, else ``index``: the tumor-aware
+    draw of supervised batches and, optionally, of segmentation pairs. The tumor case is uniform,
+    or drawn in proportion to ``weights`` (one per tumor case) when they are given."""
     if rng.random() < fraction:
-        return tumor_cases[int(rng.integers(len(tumor_cases)))]
+        if weights is None:
+            return tumor_cases[int(rng.integers(len(tumor_cases)))]
+        return tumor_cases[int(rng.choice(len(tumor_cases), p=weights / weights.sum()))]
     return index
 
 
