@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -275,6 +276,32 @@ def test_generated_label_maps_are_scored_against_the_segmentation_of_their_image
     assert paired["plausible_fraction"] == pytest.approx(1 / 3)
     assert paired["segmenter_dice_wall"] == pytest.approx(2 / 3)  # Dice 1, 1 and 0
     assert "Generated label maps (3 samples)" in (tmp_path / "out/gen_report.md").read_text()
+
+
+def test_volumes_csv_lists_each_pairs_plausibility_and_segmenter_dice(tmp_path):
+    folder = write_hu_folder(tmp_path / "synth", seed=0)
+    segmenter = StandInSegmenter()
+    (folder / "labels").mkdir()
+    (folder / "checks").mkdir()
+    hu = np.asarray(nib.load(folder / "s0.nii.gz").dataobj).astype(np.float32)
+    classes = segmenter.classes((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]) * 2 - 1)
+    wall = classes == 1
+    assert wall.sum() >= 2
+    # keep half of the segmenter's wall voxels as the label's wall: Dice 2 * (n/2) / (n + n/2)
+    kept = np.zeros_like(wall)
+    kept.flat[np.flatnonzero(wall)[: wall.sum() // 2]] = True
+    label = np.where(kept, 255, 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(label, np.diag([*SPACING, 1.0])), folder / "labels" / "s0.nii.gz")
+    (folder / "checks" / "s0.json").write_text(json.dumps({"checks": {"plausible": False}}))
+    evaluate_generation(folder, folder, tmp_path / "out", CONFIG, segmenter=segmenter)
+    with open(tmp_path / "out" / "gen_volumes.csv", newline="") as handle:
+        rows = {(r["group"], r["case_id"]): r for r in csv.DictReader(handle)}
+    pair = rows[("synthetic", "s0")]
+    half = int(wall.sum()) // 2
+    assert float(pair["label_dice_wall"]) == pytest.approx(2 * half / (wall.sum() + half), rel=1e-5)
+    assert pair["label_plausible"] == "False"
+    assert pair["label_dice_tumor"] == ""  # neither the label nor the segmentation has a tumor
+    assert rows[("synthetic", "s1")]["label_dice_wall"] == ""  # no label map: not a pair
 
 
 def test_anatomy_measures_are_the_same_on_a_volume_padded_with_background():

@@ -465,7 +465,9 @@ def write_figures(
 
 
 def volumes_csv(analyses: dict[str, list[VolumeAnalysis]]) -> str:
-    """One row per volume: texture features, slice consistency, nearest real, anatomy."""
+    """One row per volume: texture features, slice consistency, nearest real, anatomy, and for a
+    sample with a generated label map whether ``sample`` found it plausible and the segmenter's
+    Dice against it (``label_*``: which pairs a segmenter trained on real scans agrees with)."""
     columns = [
         "group",
         "case_id",
@@ -477,6 +479,9 @@ def volumes_csv(analyses: dict[str, list[VolumeAnalysis]]) -> str:
         "near_copy",
         *ANATOMY_FIELDS,
         "plausible",
+        "label_plausible",
+        "label_dice_wall",
+        "label_dice_tumor",
     ]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -490,6 +495,8 @@ def volumes_csv(analyses: dict[str, list[VolumeAnalysis]]) -> str:
             if a.anatomy is not None:
                 row.update({k: a.anatomy[k] for k in ANATOMY_FIELDS})
                 row["plausible"] = a.anatomy["checks"]["plausible"]
+            if a.paired is not None:
+                row.update({f"label_{k}": v for k, v in a.paired.items()})
             writer.writerow(
                 {
                     k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v)
