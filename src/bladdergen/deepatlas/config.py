@@ -60,9 +60,10 @@ class DeepAtlasConfig:
     ``sample``'s anatomy checks is a labeled case (also for ``--supervised-only``: the "supervised +
     synthetic pairs" arm); samples without a (plausible) label stay unlabeled images. In supervised
     draws, the tumor-aware ones included, a synthetic pair is picked ``synthetic_pair_weight``
-    times as often as a real labeled case. Off, every synthetic volume is an unlabeled image, as in the paper: pairs from the tiny
-    profile's generator lowered held-out wall Dice by 0.14-0.19 (docs/benchmarks.md), because its
-    images do not yet follow their labels.
+    times as often as a real labeled case. Off, every synthetic volume is an unlabeled image, as
+    in the paper: pairs from the tiny profile's generator lowered held-out wall and tumor Dice at
+    every weight measured, 0.5 to 0.02 (docs/benchmarks.md), because its images do not yet follow
+    their labels.
 
     Schedule (global step = one optimiser update of either network): ``reg_pretrain_steps`` of
     unsupervised registration, then ``seg_pretrain_steps`` of supervised segmentation, then cycles
