@@ -4,8 +4,11 @@ from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
+import pytest
+import torch
 
 from bladdergen.deepatlas.config import DeepAtlasConfig
+from bladdergen.deepatlas.losses import IGNORED
 from bladdergen.deepatlas.pairs import (
     labeled_batch,
     phase_of,
@@ -133,3 +136,50 @@ def test_supervised_draws_weigh_synthetic_tumor_pairs_as_they_weigh_synthetic_pa
     cfg = replace(DeepAtlasConfig(), batch_size=1, tumor_case_fraction=0.5)
     draws = [i for s in range(6000) for i in _supervised_draw(step_rng(6, s), images, cfg)]
     assert abs(sum(i >= 2 for i in draws) / len(draws) - 5 / 12) < 0.02  # sd 0.0064
+
+
+def _pool_image(tmp_path, name, source, label):
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    return PoolImage(name, source, tmp_path / "unused.nii.gz", tmp_path / f"{name}.nii.gz")
+
+
+def test_ignoring_synthetic_tumors_marks_only_the_pairs_tumor_voxels(tmp_path):
+    label = np.array([0, 1, 2, 2], np.uint8).reshape(1, 1, 4)
+    images = _Images(
+        [
+            _pool_image(tmp_path, "real", "labeled", label),
+            _pool_image(tmp_path, "pair", "synthetic", label),
+        ],
+        [],
+        capacity=4,
+    )
+    images.ignore_synthetic_tumor = True
+    classes = images.loss_labels([0, 1], torch.device("cpu"))
+    assert classes[0].flatten().tolist() == [0, 1, 2, 2]
+    assert classes[1].flatten().tolist() == [0, 1, IGNORED, IGNORED]
+    assert images.labels([1], torch.device("cpu")).flatten().tolist() == [0, 1, 2, 2]
+    # a pair's ignored tumor is no tumor case for the tumor-aware draws
+    assert images.tumor_cases() == [0]
+    images.ignore_synthetic_tumor = False
+    assert images.loss_labels([1], torch.device("cpu")).flatten().tolist() == [0, 1, 2, 2]
+    assert images.tumor_cases() == [0, 1]
+
+
+def test_keeping_some_unlabeled_images_keeps_the_synthetic_pair_settings(tmp_path):
+    label = np.array([0, 2], np.uint8).reshape(1, 1, 2)
+    images = _Images(
+        [_pool_image(tmp_path, "pair", "synthetic", label)],
+        [_pool_image(tmp_path, f"u{i}", "unlabeled", label) for i in range(2)],
+        capacity=4,
+    )
+    images.synthetic_weight, images.ignore_synthetic_tumor = 0.25, True
+    subset = images.with_unlabeled(["u1"])
+    assert [p.case_id for p in subset.items] == ["pair", "u1"]
+    assert (subset.synthetic_weight, subset.ignore_synthetic_tumor) == (0.25, True)
+
+
+def test_an_unknown_synthetic_pair_tumor_rule_is_refused_with_the_choices():
+    from bladdergen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="got 'drop', expected one of label, ignore"):
+        DeepAtlasConfig(synthetic_pair_tumor="drop").validate()

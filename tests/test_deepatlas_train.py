@@ -300,7 +300,7 @@ def test_with_seg_augment_every_segmentation_update_augments_its_supervised_imag
     assert len(calls) == segmentation_updates(cfg, 12)
 
 
-def _sample_folder(root, plausible):
+def _sample_folder(root, plausible, tumor=False):
     """A `sample`-style folder: images/, labels/ (0/255/128) and checks/ per sample."""
     rng = np.random.default_rng(1)
     for sub in ("images", "labels", "checks"):
@@ -313,6 +313,8 @@ def _sample_folder(root, plausible):
         label = np.zeros(hu.shape, np.uint8)
         label[10:30, 10:26, 2:9] = 255
         label[14:26, 14:22, 2:9] = 0
+        if tumor:
+            label[10:14, 16:20, 4:7] = 128
         nib.save(nib.Nifti1Image(hu, affine), root / "images" / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"{name}.nii.gz")
         (root / "checks" / f"{name}.json").write_text(json.dumps({"checks": {"plausible": ok}}))
@@ -353,6 +355,38 @@ def test_the_supervised_baseline_uses_synthetic_pairs_only_when_given(tiny_datas
         supervised_only=True,
     )
     assert (alone["synthetic_pairs"], alone["labeled_training_cases"]) == (0, 3)
+
+
+def test_ignored_synthetic_tumors_reach_the_loss_as_ignored_voxels_through_augmentation(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    import bladdergen.deepatlas.train as train_module
+    from bladdergen.deepatlas.losses import IGNORED
+
+    seen = []
+    original = train_module.augment_labeled
+
+    def recording(images, labels, rng, ranges):
+        moved = original(images, labels, rng, ranges)
+        seen.append(set(moved[1].unique().tolist()))
+        return moved
+
+    monkeypatch.setattr(train_module, "augment_labeled", recording)
+    _sample_folder(tmp_path / "samples", plausible=[True, True], tumor=True)
+    settings = {"deepatlas.max_steps": 8, "deepatlas.synthetic_pairs": True}
+    settings |= {"deepatlas.synthetic_pair_weight": 100.0, "deepatlas.seg_augment": True}
+    settings |= {"deepatlas.synthetic_pair_tumor": "ignore", "deepatlas.tumor_case_fraction": 0}
+    config = tiny_config(**settings)
+    train_deepatlas(
+        config.deepatlas,
+        tiny_dataset,
+        tmp_path / "run",
+        synthetic_dir=tmp_path / "samples",
+        supervised_only=True,
+    )
+    # at weight 100 against 3 real cases nearly every draw is a pair: its tumor arrives ignored
+    assert any(IGNORED in classes for classes in seen)
+    assert all(classes <= {0, 1, 2, IGNORED} for classes in seen)
 
 
 def test_synthetic_pairs_are_unlabeled_images_unless_the_flag_asks_for_them(tiny_dataset, tmp_path):

@@ -12,6 +12,9 @@ import dataclasses
 
 from bladdergen.errors import ConfigError
 
+# what a synthetic pair's generated tumor voxels teach (DeepAtlasConfig.synthetic_pair_tumor)
+SYNTHETIC_PAIR_TUMOR = ("label", "ignore")
+
 
 @dataclasses.dataclass
 class DeepAtlasConfig:
@@ -60,7 +63,10 @@ class DeepAtlasConfig:
     ``sample``'s anatomy checks is a labeled case (also for ``--supervised-only``: the "supervised +
     synthetic pairs" arm); samples without a (plausible) label stay unlabeled images. In supervised
     draws, the tumor-aware ones included, a synthetic pair is picked ``synthetic_pair_weight``
-    times as often as a real labeled case. Off, every synthetic volume is an unlabeled image, as
+    times as often as a real labeled case. ``synthetic_pair_tumor`` "ignore" leaves a pair's
+    generated tumor voxels out of the supervised loss (neither tumor nor anything else is taught
+    there) and out of the tumor-aware draws, so the pairs teach the wall only; "label" uses them
+    as drawn. Off, every synthetic volume is an unlabeled image, as
     in the paper: pairs from the tiny profile's generator lowered held-out wall and tumor Dice at
     every weight measured, 0.5 to 0.02 (docs/benchmarks.md), because its images do not yet follow
     their labels.
@@ -107,6 +113,7 @@ class DeepAtlasConfig:
     # synthetic CT + label pairs from `sample` (--synthetic) as labeled data
     synthetic_pairs: bool = False
     synthetic_pair_weight: float = 0.5
+    synthetic_pair_tumor: str = "label"
     synthetic_filter: bool = True
     # optimisation and schedule
     reg_lr: float = 5e-4
@@ -193,6 +200,11 @@ class DeepAtlasConfig:
         if self.synthetic_pair_weight <= 0:
             raise ConfigError(
                 f"deepatlas.synthetic_pair_weight: got {self.synthetic_pair_weight}, expected > 0"
+            )
+        if self.synthetic_pair_tumor not in SYNTHETIC_PAIR_TUMOR:
+            raise ConfigError(
+                f"deepatlas.synthetic_pair_tumor: got {self.synthetic_pair_tumor!r}, expected one "
+                f"of {', '.join(SYNTHETIC_PAIR_TUMOR)}"
             )
         if self.reg_augment_weight < 0:
             raise ConfigError(

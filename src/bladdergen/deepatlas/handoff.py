@@ -42,7 +42,7 @@ _FREE_KEYS |= {"reg_steps_per_cycle", "seg_steps_per_cycle"}
 # These act on the supervised draws only through synthetic pairs among the labeled cases, and the
 # labeled ids are compared on their own: free when neither run has a pair (a baseline of the
 # defaults then serves a DeepAtlas run whose synthetic volumes are unlabeled images only).
-_PAIR_KEYS = {"synthetic_pairs", "synthetic_pair_weight"}
+_PAIR_KEYS = {"synthetic_pairs", "synthetic_pair_weight", "synthetic_pair_tumor"}
 SYNTHETIC_ID_PREFIX = "synthetic:"
 
 

@@ -14,7 +14,10 @@
   tumor), whose overlap still grows when thin walls do not touch yet (a capture range). Tumors
   are not compared: another patient's tumor is no label for this one.
 - supervised: foreground-only Dice over the whole batch (a class of 0.02 % of the voxels keeps a
-  useful gradient) + class-weighted cross-entropy, from logits and manual class labels.
+  useful gradient) + class-weighted cross-entropy, from logits and manual class labels. Voxels of
+  class :data:`IGNORED` (a synthetic pair's generated tumor, ``synthetic_pair_tumor`` "ignore")
+  count in neither term: MONAI's ``MaskedDiceLoss`` zeroes them in prediction and target after the
+  softmax, and cross-entropy skips them by ``ignore_index``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import (
+    BendingEnergyLoss,
+    DiceLoss,
+    LocalNormalizedCrossCorrelationLoss,
+    MaskedDiceLoss,
+)
 
 from bladdergen.deepatlas.align import filled_bladder_from_probs
+
+IGNORED = 3  # class label of voxels the supervised loss leaves out (background, wall, tumor: 0-2)
 
 
 def disable_tf32() -> None:
@@ -64,6 +74,9 @@ class DeepAtlasLosses(torch.nn.Module):
         self.fg_dice = DiceLoss(
             include_background=False, to_onehot_y=True, softmax=True, batch=True
         )
+        self.masked_fg_dice = MaskedDiceLoss(
+            include_background=False, to_onehot_y=True, softmax=True, batch=True
+        )
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
 
     def similarity(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -95,11 +108,17 @@ class DeepAtlasLosses(torch.nn.Module):
 
     def supervised(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Foreground batch Dice + class-weighted cross-entropy of logits (B, 3, X, Y, Z) against
-        class labels (B, 1, X, Y, Z)."""
+        class labels (B, 1, X, Y, Z); voxels labeled :data:`IGNORED` are left out of both."""
         with _full_precision(logits):
             logits = logits.float()
-            dice = self.fg_dice(logits, classes)
-            ce = F.cross_entropy(logits, classes[:, 0].long(), weight=self.class_weights)
+            kept = classes != IGNORED
+            if kept.all():  # the usual case, computed exactly as without the ignore label
+                dice = self.fg_dice(logits, classes)
+            else:
+                dice = self.masked_fg_dice(logits, classes * kept, kept.to(logits.dtype))
+            ce = F.cross_entropy(
+                logits, classes[:, 0].long(), weight=self.class_weights, ignore_index=IGNORED
+            )
             return dice + ce
 
 

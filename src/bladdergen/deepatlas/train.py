@@ -35,7 +35,13 @@ from bladdergen.deepatlas.augment import AugmentRanges, augment_labeled
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.fields import Warper, folding_fraction
 from bladdergen.deepatlas.handoff import HANDOFF_NAME, handoff_identity, read_handoff, write_handoff
-from bladdergen.deepatlas.losses import DeepAtlasLosses, anatomy_channels, disable_tf32, one_hot
+from bladdergen.deepatlas.losses import (
+    IGNORED,
+    DeepAtlasLosses,
+    anatomy_channels,
+    disable_tf32,
+    one_hot,
+)
 from bladdergen.deepatlas.networks import RegistrationNet, SegmentationNet, portable_state_dict
 from bladdergen.deepatlas.pairs import (
     REG,
@@ -87,7 +93,18 @@ class _Images:
         arrays = [self.cache.get(self.items[i].label_path, np.uint8) for i in indices]
         return torch.from_numpy(np.stack(arrays).astype(np.int64))[:, None].to(device)
 
+    def loss_labels(self, indices: list[int], device: torch.device) -> torch.Tensor:
+        """:meth:`labels` as the supervised loss takes them: with ``ignore_synthetic_tumor``, a
+        synthetic pair's tumor voxels are :data:`IGNORED`."""
+        classes = self.labels(indices, device)
+        if self.ignore_synthetic_tumor:
+            for row, i in enumerate(indices):
+                if self.items[i].source == "synthetic":
+                    classes[row][classes[row] == 2] = IGNORED
+        return classes
+
     synthetic_weight = 1.0
+    ignore_synthetic_tumor = False
 
     def weights(self, indices: list[int]) -> np.ndarray | None:
         """Draw weights of labeled ``indices``: real cases weigh 1, synthetic pairs
@@ -106,11 +123,12 @@ class _Images:
         return [int(i) for i in rng.choice(self.n_labeled, size=count, p=weights / weights.sum())]
 
     def tumor_cases(self) -> list[int]:
-        """Indices of the labeled images whose label holds tumor voxels."""
+        """Indices of the labeled images whose label holds tumor voxels the loss learns from."""
         return [
             i
             for i in range(self.n_labeled)
-            if (self.cache.get(self.items[i].label_path, np.uint8) == 2).any()
+            if not (self.ignore_synthetic_tumor and self.items[i].source == "synthetic")
+            and (self.cache.get(self.items[i].label_path, np.uint8) == 2).any()
         ]
 
     def with_unlabeled(self, keep: list[str]) -> _Images:
@@ -118,6 +136,8 @@ class _Images:
         kept = [p for p in self.items[self.n_labeled :] if p.case_id in keep]
         subset = _Images(self.items[: self.n_labeled], kept, self.cache.capacity)
         subset.cache = self.cache
+        subset.synthetic_weight = self.synthetic_weight
+        subset.ignore_synthetic_tumor = self.ignore_synthetic_tumor
         return subset
 
 
@@ -265,6 +285,7 @@ def train_deepatlas(
 
     images = _Images(labeled, unlabeled, cfg.cache_volumes)
     images.synthetic_weight = cfg.synthetic_pair_weight
+    images.ignore_synthetic_tumor = cfg.synthetic_pair_tumor == "ignore"
     if kept_unlabeled is not None:
         images = images.with_unlabeled(kept_unlabeled)
     val_images = _Images(validation, [], cfg.cache_volumes)
@@ -581,7 +602,7 @@ def _segmentation_step(
     seg_net.train()
     if phase != SEG:
         indices = _supervised_draw(rng, images, cfg)
-        volume, classes = images.images(indices, rt.device), images.labels(indices, rt.device)
+        volume, classes = images.images(indices, rt.device), images.loss_labels(indices, rt.device)
         if cfg.seg_augment:
             volume, classes = augment_labeled(volume, classes, rng, augment_ranges(cfg))
         with autocast(rt.device):
@@ -620,7 +641,7 @@ def _segmentation_step(
     pair_images = torch.cat([moving, target])
     all_idx = moving_idx + target_idx
     labeled_rows = [row for row, i in enumerate(all_idx) if i < images.n_labeled]
-    labeled_truth = images.labels([all_idx[r] for r in labeled_rows], rt.device)
+    labeled_truth = images.loss_labels([all_idx[r] for r in labeled_rows], rt.device)
     if cfg.seg_augment and labeled_rows:
         # the supervised term sees its labeled images augmented, as the baseline's draws are;
         # the anatomy term replaces labeled rows by their manual labels, so it is unaffected,
