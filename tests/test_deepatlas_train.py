@@ -300,6 +300,34 @@ def test_with_seg_augment_every_segmentation_update_augments_its_supervised_imag
     assert len(calls) == segmentation_updates(cfg, 12)
 
 
+def test_augment_warped_also_moves_the_registration_augmented_pairs(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    import bladdergen.deepatlas.train as train_module
+
+    calls = []
+    original = train_module.augment_labeled
+
+    def counting(images, labels, rng, ranges):
+        calls.append(images.shape[0])
+        return original(images, labels, rng, ranges)
+
+    monkeypatch.setattr(train_module, "augment_labeled", counting)
+    # every pair: the first labeled image moving onto the first unlabeled one, so every
+    # alternating-phase update has one registration-augmented pair
+    monkeypatch.setattr(
+        train_module, "segmentation_pairs", lambda rng, n_labeled, *a, **k: [(0, n_labeled)]
+    )
+    settings = {"deepatlas.max_steps": 12, "deepatlas.seg_augment": True}
+    config = tiny_config(**settings, **{"deepatlas.augment_warped": True})
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
+    cfg = config.deepatlas
+    alternating = segmentation_updates(cfg, 12) - cfg.seg_pretrain_steps
+    assert alternating > 0
+    # pre-training: one call per update; alternating: the pair's labeled image, then the warped pair
+    assert len(calls) == cfg.seg_pretrain_steps + 2 * alternating
+
+
 def _sample_folder(root, plausible, tumor=False):
     """A `sample`-style folder: images/, labels/ (0/255/128) and checks/ per sample."""
     rng = np.random.default_rng(1)

@@ -55,8 +55,10 @@ class DeepAtlasConfig:
     in-plane rotation (±``augment_rotation_deg``), scale (1 ± ``augment_scale``) and shift
     (± ``augment_shift`` of the in-plane size), a left-right flip half the time and an intensity
     gain/offset (± ``augment_intensity``; :mod:`bladdergen.deepatlas.augment`). In the
-    alternating phase only the supervised term sees the moved images: the registration field,
-    the anatomy term and registration as augmentation use the images as they are.
+    alternating phase only the supervised term sees the moved images: the registration field and
+    the anatomy term use the images as they are. ``augment_warped`` (with ``seg_augment``) also
+    moves each registration-augmented pair (warped image and warped label) by its own random
+    transform after the warp, so those pairs vary in pose and intensity as the baseline's do.
     ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
     anatomy plausibility check (:mod:`bladdergen.evaluate.anatomy`) leave the pool.
     ``synthetic_pairs`` (off by default): a ``--synthetic`` sample whose generated label map passed
@@ -106,6 +108,7 @@ class DeepAtlasConfig:
     pair_tumor_sampling: bool = False
     reg_augment_weight: float = 1.0
     seg_augment: bool = False
+    augment_warped: bool = False
     augment_rotation_deg: float = 15.0
     augment_scale: float = 0.1
     augment_shift: float = 0.05

@@ -96,7 +96,11 @@ class _Images:
     def loss_labels(self, indices: list[int], device: torch.device) -> torch.Tensor:
         """:meth:`labels` as the supervised loss takes them: with ``ignore_synthetic_tumor``, a
         synthetic pair's tumor voxels are :data:`IGNORED`."""
-        classes = self.labels(indices, device)
+        return self.mark_ignored(indices, self.labels(indices, device))
+
+    def mark_ignored(self, indices: list[int], classes: torch.Tensor) -> torch.Tensor:
+        """``classes`` (B, 1, X, Y, Z) of the images ``indices`` (e.g. warped), with a synthetic
+        pair's tumor :data:`IGNORED` under ``ignore_synthetic_tumor``; changed in place."""
         if self.ignore_synthetic_tumor:
             for row, i in enumerate(indices):
                 if self.items[i].source == "synthetic":
@@ -656,8 +660,14 @@ def _segmentation_step(
         with torch.no_grad():
             rows = torch.tensor(augment_rows, device=rt.device)
             inputs.append(warper(moving[rows], field[rows]))
-            hot = one_hot(images.labels([moving_idx[r] for r in augment_rows], rt.device))
+            augment_idx = [moving_idx[r] for r in augment_rows]
+            hot = one_hot(images.labels(augment_idx, rt.device))
             augment_labels = warper(hot, field[rows]).argmax(dim=1, keepdim=True)
+            augment_labels = images.mark_ignored(augment_idx, augment_labels)
+            if cfg.seg_augment and cfg.augment_warped:
+                inputs[-1], augment_labels = augment_labeled(
+                    inputs[-1], augment_labels, rng, augment_ranges(cfg)
+                )
     # one forward for every image of the step (DDP allows one forward per backward)
     with autocast(rt.device):
         logits = seg_net(torch.cat(inputs)).float()
