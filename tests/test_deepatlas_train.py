@@ -458,6 +458,7 @@ _DEEPATLAS_ONLY = {
     "deepatlas.reg_lr": 1e-3,
     "deepatlas.reg_steps_per_cycle": 3,
     "deepatlas.pair_tumor_sampling": True,
+    "deepatlas.augment_warped": True,
 }
 
 
