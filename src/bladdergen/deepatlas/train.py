@@ -234,6 +234,14 @@ def train_deepatlas(
     )
     with main_process_first(runtime):
         synthetic_pairs, images_only = _folder_pools(pools_wanted, run, preprocess, cfg)
+    if synthetic_pairs:
+        weight, n_real = cfg.synthetic_pair_weight, len(labeled)
+        share = len(synthetic_pairs) * weight / (len(synthetic_pairs) * weight + n_real)
+        run.reporter.notice(
+            f"{len(synthetic_pairs)} synthetic CT + label pairs join the {n_real} labeled cases, "
+            f"each drawn with weight {weight:g} against a real case: {share:.0%} of the "
+            f"supervised draws (their tumors: {cfg.synthetic_pair_tumor})"
+        )
     labeled += synthetic_pairs  # synthetic CT + label pairs are labeled data
     identity = handoff_identity(seed, to_mapping(cfg), data_dir, _ids(labeled), val_ids)
     handoff = None  # a resumed run past the hand-off no longer needs the baseline's folder
@@ -391,11 +399,6 @@ def _folder_pools(
         )
         pairs += [p for p in pool if p.label_path is not None]
         images += [p for p in pool if p.label_path is None]
-    if pairs:
-        run.reporter.notice(
-            f"{len(pairs)} synthetic CT + label pairs join the labeled cases "
-            f"(sampling weight {cfg.synthetic_pair_weight:g} against a real case)"
-        )
     return pairs, images
 
 
