@@ -506,7 +506,7 @@ def test_synthetic_pair_settings_are_compared_only_when_a_run_has_synthetic_pair
     from bladdergen.deepatlas.handoff import HANDOFF_NAME, handoff_identity, read_handoff
     from bladdergen.settings import to_mapping
 
-    baseline = tiny_config().deepatlas  # the defaults: pairs on, weight 0.5
+    baseline = tiny_config().deepatlas  # the default pair weight, 0.04
     images_only = tiny_config(
         **{"deepatlas.synthetic_pairs": False, "deepatlas.synthetic_pair_weight": 0.1}
     ).deepatlas
@@ -518,7 +518,7 @@ def test_synthetic_pair_settings_are_compared_only_when_a_run_has_synthetic_pair
         return read_handoff(tmp_path, theirs)
 
     assert handed_off(["a", "b"])["identity"]["labeled"] == ["a", "b"]
-    with pytest.raises(InputError, match="synthetic_pair_weight 0.5 vs 0.1"):
+    with pytest.raises(InputError, match="synthetic_pair_weight 0.04 vs 0.1"):
         handed_off(["a", "b", "synthetic:sample_00000"])
 
 
