@@ -604,7 +604,9 @@ def _segmentation_step(
     λ_a·Dice(S_m∘φ, S_t) (only once the anatomy gate is open, ``anatomy_on``) + λ_sp·(Dice + CE on
     the labeled images of the pair, augmented with ``seg_augment``) + ``reg_augment_weight``·λ_sp·
     (Dice + CE on each labeled moving image warped onto its target with its warped label:
-    registration as augmentation); pairs with at least one labeled image only.
+    registration as augmentation, moved once more by a random transform with ``augment_warped``);
+    pairs with at least one labeled image only. A synthetic pair's tumor voxels are left out of
+    every supervised term under ``synthetic_pair_tumor`` "ignore".
     """
     seg_net.train()
     if phase != SEG:
