@@ -317,6 +317,14 @@ class MemoryImages:
         stacked = np.stack([self.label_arrays[i] for i in indices]).astype(np.int64)
         return torch.from_numpy(stacked)[:, None].to(device)
 
+    def loss_labels(self, indices: list[int], device: torch.device) -> torch.Tensor:
+        """:meth:`labels`: no synthetic pair here, so no voxel is left out of the loss."""
+        return self.labels(indices, device)
+
+    def mark_ignored(self, indices: list[int], classes: torch.Tensor) -> torch.Tensor:
+        """No synthetic pair here: ``classes`` as they are."""
+        return classes
+
 
 def _random_codebook(model: torch.nn.Module, seed: int) -> None:
     """Give an untrained VQ-GAN an initialised codebook (what training would have done)."""
