@@ -70,7 +70,7 @@ class DeepAtlasConfig:
     generated tumor voxels out of the supervised loss (nothing is taught there) and the pairs out
     of the tumor-aware draws, so they teach the wall and not the tumors their images do not show;
     "label" learns the generated tumors too. Measured on phantoms (docs/benchmarks.md): with
-    their tumors ignored and 25-41 % of the draws (weight 0.04 for 34 pairs, 0.02 for 70), the
+    their tumors ignored and 25-58 % of the draws (weight 0.04 for 34 or 70 pairs, 0.02 for 70), the
     tiny generator's pairs raise held-out wall Dice by +0.07 to +0.08 at 2 labeled cases and tie
     at 4; with their tumors learned they lowered wall and tumor Dice at every weight (0.5 to 0.02).
     Off by default, as in the paper (synthetic volumes are unlabeled images): with pairs among
