@@ -276,21 +276,28 @@ def test_deepatlas_pretraining_gives_the_baseline_s_segmentation_net(
     assert seg_keys and all(torch.equal(deepatlas[k], supervised[k]) for k in seg_keys)
 
 
-def test_with_seg_augment_every_segmentation_update_augments_its_supervised_images(
-    tiny_dataset, tmp_path, monkeypatch
-):
-    """The alternating phase's supervised term is augmented too, not only pre-training's: the
-    baseline's updates are all augmented, so DeepAtlas's must be for the same augmentation."""
+def _record_augmentations(monkeypatch) -> list[set[int]]:
+    """Spy on the trainer's augment_labeled: one entry per call, the classes of its output labels."""
     import bladdergen.deepatlas.train as train_module
 
     calls = []
     original = train_module.augment_labeled
 
-    def counting(images, labels, rng, ranges):
-        calls.append(images.shape[0])
-        return original(images, labels, rng, ranges)
+    def recording(images, labels, rng, ranges):
+        moved = original(images, labels, rng, ranges)
+        calls.append(set(moved[1].unique().tolist()))
+        return moved
 
-    monkeypatch.setattr(train_module, "augment_labeled", counting)
+    monkeypatch.setattr(train_module, "augment_labeled", recording)
+    return calls
+
+
+def test_with_seg_augment_every_segmentation_update_augments_its_supervised_images(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """The alternating phase's supervised term is augmented too, not only pre-training's: the
+    baseline's updates are all augmented, so DeepAtlas's must be for the same augmentation."""
+    calls = _record_augmentations(monkeypatch)
     config = tiny_config(**{"deepatlas.max_steps": 12, "deepatlas.seg_augment": True})
     train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
     cfg = config.deepatlas
@@ -305,14 +312,7 @@ def test_augment_warped_also_moves_the_registration_augmented_pairs(
 ):
     import bladdergen.deepatlas.train as train_module
 
-    calls = []
-    original = train_module.augment_labeled
-
-    def counting(images, labels, rng, ranges):
-        calls.append(images.shape[0])
-        return original(images, labels, rng, ranges)
-
-    monkeypatch.setattr(train_module, "augment_labeled", counting)
+    calls = _record_augmentations(monkeypatch)
     # every pair: the first labeled image moving onto the first unlabeled one, so every
     # alternating-phase update has one registration-augmented pair
     monkeypatch.setattr(
@@ -388,18 +388,9 @@ def test_the_supervised_baseline_uses_synthetic_pairs_only_when_given(tiny_datas
 def test_ignored_synthetic_tumors_reach_the_loss_as_ignored_voxels_through_augmentation(
     tiny_dataset, tmp_path, monkeypatch
 ):
-    import bladdergen.deepatlas.train as train_module
     from bladdergen.deepatlas.losses import IGNORED
 
-    seen = []
-    original = train_module.augment_labeled
-
-    def recording(images, labels, rng, ranges):
-        moved = original(images, labels, rng, ranges)
-        seen.append(set(moved[1].unique().tolist()))
-        return moved
-
-    monkeypatch.setattr(train_module, "augment_labeled", recording)
+    seen = _record_augmentations(monkeypatch)
     _sample_folder(tmp_path / "samples", plausible=[True, True], tumor=True)
     settings = {"deepatlas.max_steps": 8, "deepatlas.synthetic_pairs": True}
     settings |= {"deepatlas.synthetic_pair_weight": 100.0, "deepatlas.seg_augment": True}
