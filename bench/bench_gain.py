@@ -10,7 +10,8 @@ trained with the same networks, budget of segmentation updates and validation ca
   ``--set deepatlas.synthetic_pairs=true``);
 - ``supervised+pairs``: ``--supervised-only --synthetic-pairs`` with the labeled cases and the
   synthetic CT + label pairs of ``--synthetic DIR`` (no registration, no unlabeled images); the
-  synthetic arms are skipped without ``--synthetic``.
+  synthetic arms are skipped without ``--synthetic``. ``{labeled}`` and ``{seed}`` in it are
+  filled per run: pairs from one generator per split (``bench_fewlabel_pairs.py``).
 
 Every arm's best checkpoint (mean foreground validation Dice) segments the same ``--test-cases``
 held-out phantoms (a disjoint seed), scored on the preprocessed grid: wall Dice and HD95 (mm),
@@ -187,6 +188,14 @@ def subset(pool: Path, out: Path, n_labeled: int, val_cases: int, seed: int) -> 
     if (pool / "config.yaml").is_file():
         _write_if_changed(out / "config.yaml", (pool / "config.yaml").read_text())
     return out
+
+
+def synthetic_folder(template: Path | None, n_labeled: int, seed: int) -> Path | None:
+    """``--synthetic`` for one run: ``{labeled}`` and ``{seed}`` in it filled in, so that each
+    split can have pairs from a generator of its own (``bench_fewlabel_pairs.py``)."""
+    if template is None:
+        return None
+    return Path(str(template).format(labeled=n_labeled, seed=seed))
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -478,15 +487,16 @@ def main(argv: list[str] | None = None) -> int:
     handoff = "supervised" in arms and schedule_fits_baseline(base.deepatlas) is None
     # so does deepatlas+synthetic when its synthetic volumes are unlabeled images only (with
     # synthetic CT + label pairs among its labeled cases its pre-training is its own)
-    handoff_arms = {"deepatlas"}
-    if args.synthetic is not None and not (
-        base.deepatlas.synthetic_pairs and synthetic_pair_count(args.synthetic) > 0
-    ):
-        handoff_arms.add("deepatlas+synthetic")
     jobs = []
     for seed in args.seeds:
         for n in args.labeled:
             data = subset(pool, source / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
+            synthetic = synthetic_folder(args.synthetic, n, seed)
+            handoff_arms = {"deepatlas"}
+            if synthetic is not None and not (
+                base.deepatlas.synthetic_pairs and synthetic_pair_count(synthetic) > 0
+            ):
+                handoff_arms.add("deepatlas+synthetic")
             for arm in arms:
                 key = f"{n}/{seed}/{arm}"
                 home = source if arm == "supervised" else args.out
@@ -506,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                         "run_dir": run_dir,
                         "profile": args.profile,
                         "overrides": {**overrides(args), "seed": seed, **arm_overrides(arm)},
-                        "synthetic": args.synthetic if arm in SYNTHETIC_ARMS else None,
+                        "synthetic": synthetic if arm in SYNTHETIC_ARMS else None,
                         "all_components": args.all_components,
                         "final": args.final,
                         "from_baseline": None,

@@ -163,3 +163,10 @@ def test_only_the_supervised_pairs_arm_takes_synthetic_pairs_as_labeled_cases(be
 
     assert pairs("supervised+pairs") is True
     assert [pairs(a) for a in ("supervised", "deepatlas", "deepatlas+synthetic")] == [False] * 3
+
+
+def test_a_synthetic_folder_template_names_each_splits_own_pairs(bench_gain):
+    template = Path("/pairs/n{labeled}_s{seed}/samples")
+    assert bench_gain.synthetic_folder(template, 2, 1) == Path("/pairs/n2_s1/samples")
+    assert bench_gain.synthetic_folder(Path("/pairs/one"), 4, 0) == Path("/pairs/one")
+    assert bench_gain.synthetic_folder(None, 2, 0) is None

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from bladdergen.diffusion.config import LDMConfig
-from bladdergen.diffusion.unet import ChannelLayerNorm, DepthAttention, PseudoUNet3D
+from bladdergen.diffusion.unet import (
+    ChannelLayerNorm,
+    DepthAttention,
+    PseudoUNet3D,
+    voxel_coordinates,
+)
 from test_diffusion_fixtures import one_torch_thread  # noqa: F401
 
 SMALL = LDMConfig(
@@ -25,6 +32,30 @@ def test_denoiser_output_has_the_shape_of_its_input_latent():
     out = net(x, torch.tensor([0, 299]))
     assert out.shape == (2, 3, 8, 12, 5)
     assert torch.isfinite(out).all()
+
+
+def test_voxel_coordinates_run_from_minus_one_to_one_along_each_axis():
+    coordinates = voxel_coordinates(torch.zeros(2, 5, 3, 2, 5))
+    assert coordinates.shape == (2, 3, 3, 2, 5)
+    # by hand: n evenly spaced points from -1 to 1, varying only along their own axis
+    assert torch.allclose(coordinates[1, 0, :, 1, 4], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.allclose(coordinates[0, 1, 2, :, 0], torch.tensor([-1.0, 1.0]))
+    assert torch.allclose(coordinates[0, 2, 0, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))
+
+
+def test_only_coordinate_channels_let_the_denoiser_tell_slices_apart():
+    # A slab whose slices are all the same: in-plane convolutions and depth attention (a weighted
+    # mean of identical values) give every slice the same output, wherever it lies along Z.
+    torch.manual_seed(0)
+    slab = torch.randn(1, 3, 8, 8, 1).expand(-1, -1, -1, -1, 6).contiguous()
+    t = torch.tensor([10])
+    blind = PseudoUNet3D(3, SMALL)
+    placed = PseudoUNet3D(3, dataclasses.replace(SMALL, coordinate_channels=True))
+    with torch.no_grad():
+        blind_out, placed_out = blind(slab, t), placed(slab, t)
+    assert torch.allclose(blind_out, blind_out[..., :1].expand_as(blind_out), atol=1e-5)
+    assert (placed_out[..., 0] - placed_out[..., -1]).abs().max() > 1e-3
+    assert placed.init_conv.in_channels == 3 + 3
 
 
 def test_denoiser_rejects_in_plane_sizes_not_divisible_by_its_downsampling():

@@ -21,7 +21,10 @@ class LDMConfig:
     Denoiser: ``base_channels`` x ``channel_mults`` per U-Net level (in-plane resolution halves at
     every level but the last, depth never changes), ``attention_heads`` x ``attention_head_channels``
     in every attention block, depth attention with a learned relative position bias clamped at
-    ``max_relative_distance`` slices.
+    ``max_relative_distance`` slices. ``coordinate_channels`` appends three channels holding each
+    latent voxel's X, Y and Z position (-1 to 1) to the denoiser's input: its in-plane convolutions
+    and relative depth attention are blind to where along Z a slice lies, so without them nothing
+    tells the denoiser where in the slab the bladder belongs.
     Diffusion: ``timesteps`` steps of a ``schedule`` noise schedule, ``loss`` between true and
     predicted noise. ``latent_scaling``: how latents enter diffusion space, ``codebook`` (the
     paper: the codebook's global min/max to [-1, 1]) or ``standardize`` (unit mean and variance
@@ -36,6 +39,7 @@ class LDMConfig:
     attention_head_channels: int = 32
     norm_groups: int = 8
     max_relative_distance: int = 32
+    coordinate_channels: bool = False
     # diffusion
     latent_scaling: Literal["codebook", "standardize"] = "codebook"
     timesteps: int = 300

@@ -34,6 +34,18 @@ def timestep_embedding(t: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def voxel_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, X, Y, Z) of each voxel's X, Y and Z position in [-1, 1], in ``x``'s dtype and device.
+
+    An absolute position signal: in-plane convolutions see the X/Y borders through their zero
+    padding, but nothing in the denoiser sees Z but relative slice distances.
+    """
+    batch, _, *sizes = x.shape
+    axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) for n in sizes]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return grid.expand(batch, -1, -1, -1, -1)
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel axis only, per voxel, with a learned gain and no bias."""
 
@@ -214,7 +226,9 @@ class PseudoUNet3D(nn.Module):
         time_channels = 4 * base
         self.latent_channels = latent_channels
         self.levels = len(widths)
-        self.init_conv = nn.Conv3d(latent_channels, base, (7, 7, 1), padding=(3, 3, 0))
+        self.coordinate_channels = config.coordinate_channels
+        in_channels = latent_channels + (3 if config.coordinate_channels else 0)
+        self.init_conv = nn.Conv3d(in_channels, base, (7, 7, 1), padding=(3, 3, 0))
         self.init_depth_attention = PreNormResidual(
             base,
             DepthAttention(
@@ -273,6 +287,8 @@ class PseudoUNet3D(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.check_shape(tuple(x.shape))
         time = self.time_mlp(timestep_embedding(t, self.init_conv.out_channels).to(x.dtype))
+        if self.coordinate_channels:
+            x = torch.cat([x, voxel_coordinates(x)], dim=1)
         h = self.init_depth_attention(self.init_conv(x))
         first = h
         skips = []
