@@ -30,9 +30,8 @@ def test_a_generator_set_labels_only_the_splits_training_cases(tiny_dataset, tmp
     sizes = script.generator_set(gain_out, tmp_path / "gen", n=1, seed=0, val_cases=2)
 
     split = PreprocessedSet.open(gain_out / "sets" / "n1_s0")  # bench_gain's 1 + 2 labeled
-    training, validation = split_labeled(
-        split, 2, 0
-    )  # what train-deepatlas trains and validates on
+    # what train-deepatlas trains and validates on
+    training, validation = split_labeled(split, 2, 0)
     generator = PreprocessedSet.open(tmp_path / "gen")
     ids = {case.case_id for case in generator.cases}
     assert [c.case_id for c in generator.labeled_cases] == training and len(training) == 1
