@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gain import subset  # noqa: E402  (the sibling script: the same labeled subsets)
+from bench_gain import job_threads, subset  # noqa: E402  (the sibling script: the same subsets)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    threads = job_threads(args.jobs)
     jobs = [
         {
             "n": n,

@@ -49,7 +49,7 @@ def test_only_coordinate_channels_let_the_denoiser_tell_slices_apart():
     torch.manual_seed(0)
     slab = torch.randn(1, 3, 8, 8, 1).expand(-1, -1, -1, -1, 6).contiguous()
     t = torch.tensor([10])
-    blind = PseudoUNet3D(3, SMALL)
+    blind = PseudoUNet3D(3, dataclasses.replace(SMALL, coordinate_channels=False))
     placed = PseudoUNet3D(3, dataclasses.replace(SMALL, coordinate_channels=True))
     with torch.no_grad():
         blind_out, placed_out = blind(slab, t), placed(slab, t)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from bladdergen.cli import app
 from bladdergen.diffusion.preview import encode_png_gray, slice_montage
-from bladdergen.diffusion.sample import sample_seed, sample_volumes
+from bladdergen.diffusion.sample import sample_seed, sample_volumes, saved_ldm_config
 from bladdergen.diffusion.train import train_ldm
 from bladdergen.errors import CheckpointError, InputError
 from test_diffusion_fixtures import make_vqgan, micro_config, one_torch_thread  # noqa: F401
@@ -148,3 +148,16 @@ def test_a_moved_vqgan_is_named_in_the_error(tiny_dataset, tmp_path):
         micro_config(), tmp_path / "ldm", tmp_path / "out", 1, tmp_path / "elsewhere.safetensors"
     )
     assert moved["complete"] == 1
+
+
+def test_a_checkpoint_from_before_coordinate_channels_loads_without_them(tmp_path):
+    from bladdergen.settings import to_mapping
+
+    old = to_mapping(micro_config().ldm)  # as a checkpoint stores it
+    del old["coordinate_channels"]
+    weights = tmp_path / "model.safetensors"
+    assert saved_ldm_config({"config": {"ldm": old}}, weights).coordinate_channels is False
+    new = {**old, "coordinate_channels": True}
+    assert saved_ldm_config({"config": {"ldm": new}}, weights).coordinate_channels is True
+    with pytest.raises(CheckpointError, match="no valid config"):
+        saved_ldm_config({"config": {}}, weights)

@@ -24,7 +24,10 @@ class LDMConfig:
     ``max_relative_distance`` slices. ``coordinate_channels`` appends three channels holding each
     latent voxel's X, Y and Z position (-1 to 1) to the denoiser's input: its in-plane convolutions
     and relative depth attention are blind to where along Z a slice lies, so without them nothing
-    tells the denoiser where in the slab the bladder belongs.
+    tells the denoiser where in the slab the bladder belongs. On the phantom bench (tiny profile,
+    2,400 steps, 100 samples on each of two VQ-GANs) they cut label maps with the wall in pieces
+    (two bladders in one slab) from 37 and 32 to 8 and 2 and raise the plausible share from 40
+    and 29 to 58 and 39. Not in Medical Diffusion; runs trained before it existed load without.
     Diffusion: ``timesteps`` steps of a ``schedule`` noise schedule, ``loss`` between true and
     predicted noise. ``latent_scaling``: how latents enter diffusion space, ``codebook`` (the
     paper: the codebook's global min/max to [-1, 1]) or ``standardize`` (unit mean and variance
@@ -39,7 +42,7 @@ class LDMConfig:
     attention_head_channels: int = 32
     norm_groups: int = 8
     max_relative_distance: int = 32
-    coordinate_channels: bool = False
+    coordinate_channels: bool = True
     # diffusion
     latent_scaling: Literal["codebook", "standardize"] = "codebook"
     timesteps: int = 300

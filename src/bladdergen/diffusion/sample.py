@@ -79,17 +79,24 @@ def sample_seed(seed: int, index: int) -> int:
     return (int(state[0]) << 32 | int(state[1])) & (2**63 - 1)
 
 
+def saved_ldm_config(metadata: dict[str, Any], weights_path: Path) -> LDMConfig:
+    """The denoiser settings an LDM checkpoint was trained with; CheckpointError if unreadable."""
+    try:
+        # runs trained before coordinate channels existed have none
+        saved = {"coordinate_channels": False, **metadata["config"]["ldm"]}
+        return from_mapping(LDMConfig, saved, f"{weights_path}: ldm")
+    except (KeyError, TypeError, ConfigError) as error:
+        raise CheckpointError(
+            f"{weights_path}: LDM checkpoint has no valid config ({error})"
+        ) from None
+
+
 def load_ldm(path: Path, device: torch.device) -> tuple[PseudoUNet3D, dict[str, Any], Path]:
     """An LDM run folder or checkpoint -> (EMA denoiser in eval mode, metadata, weights file)."""
     weights_path = resolve_weights(Path(path))
     tensors, metadata = load_weights(weights_path, expected_kind=KIND, device="cpu")
     require_metadata(metadata, weights_path, LDM_METADATA)
-    try:
-        ldm_config = from_mapping(LDMConfig, metadata["config"]["ldm"], f"{weights_path}: ldm")
-    except (KeyError, TypeError, ConfigError) as error:
-        raise CheckpointError(
-            f"{weights_path}: LDM checkpoint has no valid config ({error})"
-        ) from None
+    ldm_config = saved_ldm_config(metadata, weights_path)
     model = build_denoiser(int(metadata["latent_shape"][0]), ldm_config)
     load_state_dict_strict(model, tensors, weights_path)
     metadata = dict(metadata)
