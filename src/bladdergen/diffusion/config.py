@@ -148,7 +148,7 @@ LDM_TINY = {
     "attention_head_channels": 16,
     # phantom bench, 100 samples with DDIM eta 1, label maps passing every anatomy check: 1,200
     # steps -> 16 and 3 (VQ-GAN seeds 0 and 1), 2,400 -> 40 and 29 (~9 min on one CPU core;
-    # `bladdergen demo` trains its own 600)
+    # `bladdergen demo` trains its own 600); with coordinate channels 2,400 -> 58 and 39
     "max_steps": 2400,
     "batch_size": 4,
     "grad_accumulation": 1,
