@@ -6,7 +6,8 @@ through **depth attention**: in-plane positions folded into the batch, the Z sli
 with a learned relative position bias. At every level a **spatial attention** block (slices folded
 into the batch) precedes it: linear attention at the high-resolution levels, full softmax
 attention at the bottleneck. Softmax attention uses PyTorch's fused
-``F.scaled_dot_product_attention``.
+``F.scaled_dot_product_attention``. With ``coordinate_channels`` every voxel's X, Y, Z position
+enters with the latent: the only absolute position the denoiser sees along Z.
 """
 
 from __future__ import annotations
