@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gain import job_threads, subset  # noqa: E402  (the sibling script: the same subsets)
+from bench_gain import job_threads, parse_sets, subset  # noqa: E402  (the sibling script)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,13 +125,8 @@ def train_generator(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import yaml
-
     args = parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_sets(args.set)
     threads = job_threads(args.jobs)
     jobs = [
         {

@@ -115,12 +115,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def overrides(args: argparse.Namespace) -> dict:
-    found = {"deepatlas.val_cases": args.val_cases, "deepatlas.device": "cpu"}
-    for item in args.set:
+def parse_sets(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items -> {KEY: VALUE read as YAML}."""
+    found = {}
+    for item in items:
         key, _, value = item.partition("=")
         found[key] = yaml.safe_load(value)
     return found
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    return {
+        "deepatlas.val_cases": args.val_cases,
+        "deepatlas.device": "cpu",
+        **parse_sets(args.set),
+    }
 
 
 def make_data(args: argparse.Namespace, config) -> tuple[Path, Path]:
@@ -485,13 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     # DeepAtlas's supervised pre-training is the baseline's first updates (paired by design): the
     # deepatlas arm starts from the supervised arm's hand-off instead of training them again
     handoff = "supervised" in arms and schedule_fits_baseline(base.deepatlas) is None
-    # so does deepatlas+synthetic when its synthetic volumes are unlabeled images only (with
-    # synthetic CT + label pairs among its labeled cases its pre-training is its own)
     jobs = []
     for seed in args.seeds:
         for n in args.labeled:
             data = subset(pool, source / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
             synthetic = synthetic_folder(args.synthetic, n, seed)
+            # so does deepatlas+synthetic when its synthetic volumes are unlabeled images only
+            # (with synthetic CT + label pairs among its labeled cases its pre-training is its own)
             handoff_arms = {"deepatlas"}
             if synthetic is not None and not (
                 base.deepatlas.synthetic_pairs and synthetic_pair_count(synthetic) > 0
