@@ -10,7 +10,7 @@ import torch
 from bladdergen.checkpoint import load_training_state, read_metadata
 from bladdergen.diffusion import latents as latents_module
 from bladdergen.diffusion.latents import LatentScaler
-from bladdergen.diffusion.train import train_ldm
+from bladdergen.diffusion.train import learning_rate, train_ldm
 from bladdergen.errors import CheckpointError, InputError
 from bladdergen.vqgan.load import load_vqgan
 from test_diffusion_fixtures import make_vqgan, micro_config, one_torch_thread  # noqa: F401
@@ -152,3 +152,48 @@ def test_resuming_with_a_different_denoiser_architecture_is_refused_naming_the_k
     config = micro_config(**{"ldm.base_channels": 12, "ldm.max_steps": 8})
     with pytest.raises(CheckpointError, match="ldm.base_channels is 12 but the run used 8"):
         train_ldm(config.ldm, tiny_dataset, trained_run[0], vqgan_run, resume=True)
+
+
+def test_the_cosine_learning_rate_falls_from_the_rate_to_a_tenth():
+    config = micro_config(**{"ldm.lr_schedule": "cosine", "ldm.learning_rate": 2e-3})
+    config.ldm.max_steps = 11
+    # progress 0, 1/2, 1: lr x (0.1 + 0.9 x (1 + cos(pi p)) / 2) = lr, 0.55 lr, 0.1 lr
+    assert learning_rate(config.ldm, 0) == pytest.approx(2e-3)
+    assert learning_rate(config.ldm, 5) == pytest.approx(1.1e-3)
+    assert learning_rate(config.ldm, 10) == pytest.approx(2e-4)
+    constant = micro_config(**{"ldm.lr_schedule": "constant", "ldm.learning_rate": 2e-3})
+    assert learning_rate(constant.ldm, 10) == 2e-3
+
+
+def test_mirrored_latents_are_the_encodings_of_the_mirrored_images(tiny_dataset, vqgan_run):
+    from bladdergen.data.dataset import PreprocessedSet
+
+    vqgan, _ = load_vqgan(vqgan_run, torch.device("cpu"))
+    dataset = PreprocessedSet.open(tiny_dataset)
+    both = latents_module.encode_dataset(vqgan, dataset, torch.device("cpu"), mirror_x=True)
+    n = len(dataset.cases)
+    assert both.shape[0] == 2 * n
+    case = dataset.cases[1]
+    image = torch.from_numpy(dataset.load_image(case)).flip(0)[None, None]  # (X, Y, Z): X first
+    with torch.no_grad():
+        expected = vqgan.encode(image).float()
+    assert torch.allclose(both[n + 1], expected[0], atol=1e-6)
+    plain = latents_module.encode_dataset(vqgan, dataset, torch.device("cpu"))
+    assert torch.equal(both[:n], plain)
+    assert not torch.allclose(both[n + 1], plain[1])
+
+
+def test_a_mirrored_cache_is_kept_apart_from_the_plain_one(tiny_dataset, vqgan_run, tmp_path):
+    from bladdergen.data.dataset import PreprocessedSet
+
+    vqgan, meta = load_vqgan(vqgan_run, torch.device("cpu"))
+    dataset = PreprocessedSet.open(tiny_dataset)
+    cpu = torch.device("cpu")
+    plain, plain_path = latents_module.cached_latents(
+        vqgan, meta["weights_sha256"], dataset, tmp_path, cpu
+    )
+    mirrored, mirrored_path = latents_module.cached_latents(
+        vqgan, meta["weights_sha256"], dataset, tmp_path, cpu, mirror_x=True
+    )
+    assert plain_path != mirrored_path
+    assert (len(plain), len(mirrored)) == (len(dataset.cases), 2 * len(dataset.cases))

@@ -31,7 +31,11 @@ class LDMConfig:
     Diffusion: ``timesteps`` steps of a ``schedule`` noise schedule, ``loss`` between true and
     predicted noise. ``latent_scaling``: how latents enter diffusion space, ``codebook`` (the
     paper: the codebook's global min/max to [-1, 1]) or ``standardize`` (unit mean and variance
-    per channel; see :class:`bladdergen.diffusion.latents.LatentScaler`). EMA: every ``ema_every`` optimiser steps from ``ema_start`` (before that the
+    per channel; see :class:`bladdergen.diffusion.latents.LatentScaler`). ``mirror_x`` also
+    trains on every case mirrored left-right (X), encoded through the VQ-GAN (twice the latents;
+    the pelvis is near-symmetric and a tumor may sit on either side). Optimisation:
+    ``lr_schedule`` ``cosine`` lowers the rate from ``learning_rate`` to a tenth over
+    ``max_steps``. EMA: every ``ema_every`` optimiser steps from ``ema_start`` (before that the
     EMA copy follows the live weights).
     """
 
@@ -45,6 +49,8 @@ class LDMConfig:
     coordinate_channels: bool = True
     # diffusion
     latent_scaling: Literal["codebook", "standardize"] = "codebook"
+    # also train on every case mirrored left-right (X), encoded through the VQ-GAN
+    mirror_x: bool = False
     timesteps: int = 300
     schedule: Literal["cosine", "linear"] = "cosine"
     loss: Literal["l1", "l2"] = "l1"
@@ -53,6 +59,8 @@ class LDMConfig:
     batch_size: int = 2
     grad_accumulation: int = 2
     learning_rate: float = 1e-4
+    # cosine: from learning_rate down to a tenth of it over max_steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: float = 0.995
     ema_every: int = 10
     ema_start: int = 2000
@@ -155,6 +163,9 @@ LDM_TINY = {
     # at 1,200 steps the rate decided most: 3e-4 -> 0, 1e-3 -> 28, 3e-3 -> 54 (an earlier
     # VQ-GAN objective); 2,400 steps at 1e-3 -> 48
     "learning_rate": 3e-3,
+    # cosine to a tenth, 2,400 steps, 100 samples on VQ-GAN seeds 0 / 1: plausible 58 -> 61 and
+    # 39 -> 52, judge's pair Dice 0.463 -> 0.496 and 0.407 -> 0.474 against the constant rate
+    "lr_schedule": "cosine",
     "ema_decay": 0.99,
     "ema_every": 1,
     "ema_start": 200,

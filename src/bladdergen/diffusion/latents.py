@@ -163,14 +163,21 @@ def encode_dataset(
     dataset: PreprocessedSet,
     device: torch.device,
     reporter: Reporter = SILENT,
+    mirror_x: bool = False,
 ) -> torch.Tensor:
-    """Pre-quantisation latents of every case, float32 on CPU, shape (N, D, x, y, z)."""
+    """Pre-quantisation latents of every case, float32 on CPU, shape (N, D, x, y, z); with
+    ``mirror_x`` the N latents of the cases mirrored left-right (X) follow, (2N, D, x, y, z). The
+    mirrored image is encoded, not the latent flipped: the encoder's kernels are not symmetric."""
     latents = []
-    with reporter.task("encoding latents", total=len(dataset.cases)) as task:
-        for case in dataset.cases:
-            image = torch.from_numpy(dataset.load_image(case))[None, None].to(device)
-            latents.append(vqgan.encode(image).float().cpu())
-            task.advance(1)
+    views = [False, True] if mirror_x else [False]
+    with reporter.task("encoding latents", total=len(dataset.cases) * len(views)) as task:
+        for mirrored in views:
+            for case in dataset.cases:
+                image = torch.from_numpy(dataset.load_image(case))[None, None]
+                if mirrored:
+                    image = image.flip(2)
+                latents.append(vqgan.encode(image.to(device)).float().cpu())
+                task.advance(1)
     return torch.cat(latents)
 
 
@@ -181,14 +188,18 @@ def cached_latents(
     cache_dir: Path,
     device: torch.device,
     reporter: Reporter = SILENT,
+    mirror_x: bool = False,
 ) -> tuple[torch.Tensor, Path]:
-    """The set's latents (N, D, x, y, z) from ``cache_dir``, encoding and caching them if absent.
+    """The set's latents (see :func:`encode_dataset`) from ``cache_dir``, encoding and caching
+    them if absent.
 
-    The cache file name holds a hash of (VQ-GAN weights hash, data hash), so a different VQ-GAN or
-    changed data never reuses stale latents.
+    The cache file name holds a hash of (VQ-GAN weights hash, data hash, mirroring), so a
+    different VQ-GAN or changed data never reuses stale latents.
     """
     data_hash = dataset_hash(dataset)
-    key = hashlib.sha256(f"{vqgan_hash}:{data_hash}".encode()).hexdigest()[:20]
+    # the key of unmirrored caches is unchanged, so caches written before mirroring stay valid
+    mirror = ":mirror_x" if mirror_x else ""
+    key = hashlib.sha256(f"{vqgan_hash}:{data_hash}{mirror}".encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"latents-{key}.safetensors"
     if path.is_file():
         try:
@@ -198,7 +209,7 @@ def cached_latents(
         if metadata.get("vqgan_hash") == vqgan_hash and metadata.get("data_hash") == data_hash:
             reporter.notice(f"reusing cached latents {path}")
             return tensors["latents"], path
-    latents = encode_dataset(vqgan, dataset, device, reporter)
+    latents = encode_dataset(vqgan, dataset, device, reporter, mirror_x)
     save_weights(
         path,
         {"latents": latents},
@@ -207,6 +218,7 @@ def cached_latents(
             "vqgan_hash": vqgan_hash,
             "data_hash": data_hash,
             "case_ids": [c.case_id for c in dataset.cases],
+            "mirror_x": mirror_x,
         },
     )
     return latents, path

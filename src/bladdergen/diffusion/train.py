@@ -25,7 +25,7 @@ from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.latents import LatentScaler, cached_latents
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.unet import build_denoiser
-from bladdergen.engine.run import RunFolder, RunKind, no_sync
+from bladdergen.engine.run import RunFolder, RunKind, cosine_learning_rate, no_sync
 from bladdergen.errors import InputError
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import (
@@ -49,6 +49,13 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
     """A CPU generator whose stream depends only on (seed, step, rank, micro-batch)."""
     state = np.random.SeedSequence([seed, step, rank, micro]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def learning_rate(cfg: LDMConfig, step: int) -> float:
+    """The denoiser's learning rate at ``step``: constant, or cosine down to a tenth."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    return cosine_learning_rate(cfg.learning_rate, step, cfg.max_steps)
 
 
 def reference_affine(dataset: PreprocessedSet) -> np.ndarray:
@@ -130,7 +137,7 @@ def train_ldm(
     cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else run.path / LATENTS_DIR
     with main_process_first(runtime):
         latents, cache_path = cached_latents(
-            vqgan, vqgan_hash, dataset, cache_dir, device, run.reporter
+            vqgan, vqgan_hash, dataset, cache_dir, device, run.reporter, cfg.mirror_x
         )
     scaler = LatentScaler.create(cfg.latent_scaling, latents, vqgan.codebook.embeddings.cpu())
     del vqgan  # frozen encoder no longer needed: free its memory for the denoiser
@@ -190,6 +197,8 @@ def train_ldm(
                 loss = _loss(cfg.loss, prediction.float(), noise) / cfg.grad_accumulation
                 loss.backward()
             step_loss += float(loss.detach())
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         optimizer.step()
         if (step + 1) % cfg.ema_every == 0:
             if step + 1 < cfg.ema_start:

@@ -8,7 +8,6 @@ so the run continues exactly (on CPU: bit-identical to an uninterrupted run).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from scipy import ndimage
 from bladdergen.checkpoint import WEIGHTS_NAME
 from bladdergen.data.bladder import filled_bladder, lumen
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.engine.run import RunFolder, RunKind, no_sync, unwrap
+from bladdergen.engine.run import RunFolder, RunKind, cosine_learning_rate, no_sync, unwrap
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_with
 from bladdergen.progress import SILENT, Reporter
@@ -141,10 +140,9 @@ def _save_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
 
 def learning_rate(cfg: VQGANConfig, step: int) -> float:
     """The autoencoder's learning rate at ``step``: constant, or cosine from lr down to lr / 10."""
-    if cfg.lr_schedule == "constant" or cfg.max_steps <= 1:
+    if cfg.lr_schedule == "constant":
         return cfg.lr
-    progress = min(step / (cfg.max_steps - 1), 1.0)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return cosine_learning_rate(cfg.lr, step, cfg.max_steps)
 
 
 def train_vqgan(
