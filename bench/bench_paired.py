@@ -2,7 +2,7 @@
 
 One run of the generation half of the pipeline, the way a lab would run it:
 
-    phantoms (16 labeled + 10 unlabeled training, 8 held-out test) -> preprocess (tiny)
+    phantoms (16 training: 6 labeled + 10 unlabeled; 8 held-out test) -> preprocess (tiny)
     -> train-vqgan (label decoder on) -> a supervised segmenter trained on the real training
        cases only (with ``seg_augment``) -> reconstruct the held-out cases (per-structure HU
        errors against trilinear down/up-sampling; the segmenter's wall Dice on the inputs, the
