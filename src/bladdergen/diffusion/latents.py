@@ -206,7 +206,11 @@ def cached_latents(
             tensors, metadata = load_weights(path, expected_kind=LATENT_CACHE_KIND)
         except CheckpointError:
             tensors, metadata = {}, {}  # unreadable cache: encode again and overwrite it
-        if metadata.get("vqgan_hash") == vqgan_hash and metadata.get("data_hash") == data_hash:
+        if (
+            metadata.get("vqgan_hash") == vqgan_hash
+            and metadata.get("data_hash") == data_hash
+            and bool(metadata.get("mirror_x", False)) == mirror_x
+        ):
             reporter.notice(f"reusing cached latents {path}")
             return tensors["latents"], path
     latents = encode_dataset(vqgan, dataset, device, reporter, mirror_x)
