@@ -79,6 +79,7 @@ def test_training_writes_weights_state_config_metrics_and_latent_cache(trained_r
     assert metadata["vqgan_hash"] == vq_meta["weights_sha256"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["lr"] for r in records] == [micro_config().ldm.learning_rate] * 4  # constant
 
 
 def test_standardize_scaling_records_the_training_latents_mean_and_spread_and_samples(

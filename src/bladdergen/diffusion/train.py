@@ -197,15 +197,16 @@ def train_ldm(
                 loss = _loss(cfg.loss, prediction.float(), noise) / cfg.grad_accumulation
                 loss.backward()
             step_loss += float(loss.detach())
+        lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+            group["lr"] = lr
         optimizer.step()
         if (step + 1) % cfg.ema_every == 0:
             if step + 1 < cfg.ema_start:
                 ema.load_state_dict(model.state_dict())
             else:
                 ema_update(ema, model, cfg.ema_decay)
-        done = run.end_step(step, {"loss": step_loss})
+        done = run.end_step(step, {"loss": step_loss, "lr": lr})
         if run.due(done, cfg.checkpoint_every):
             run.save(done, stateful, write_weights)
 
