@@ -41,7 +41,7 @@ def judge(samples: Path, seg_model: Path, limit: int | None) -> dict:
         failed.update(k for k, ok in checks["checks"].items() if ok is False and k != "plausible")
         volume.append(checks["measurement"]["bladder_ml"] or 0.0)
         dice.append(np.nan if scores["dice_wall"] is None else scores["dice_wall"])
-        plausible.append(bool(scores["plausible"]))
+        plausible.append(bool(checks["checks"]["plausible"]))
     dice, plausible = np.array(dice), np.array(plausible)
     return {
         "samples": len(images),

@@ -168,17 +168,15 @@ def encode_dataset(
     """Pre-quantisation latents of every case, float32 on CPU, shape (N, D, x, y, z); with
     ``mirror_x`` the N latents of the cases mirrored left-right (X) follow, (2N, D, x, y, z). The
     mirrored image is encoded, not the latent flipped: the encoder's kernels are not symmetric."""
-    latents = []
-    views = [False, True] if mirror_x else [False]
-    with reporter.task("encoding latents", total=len(dataset.cases) * len(views)) as task:
-        for mirrored in views:
-            for case in dataset.cases:
-                image = torch.from_numpy(dataset.load_image(case))[None, None]
-                if mirrored:
-                    image = image.flip(2)
-                latents.append(vqgan.encode(image.to(device)).float().cpu())
-                task.advance(1)
-    return torch.cat(latents)
+    plain, mirrored = [], []
+    with reporter.task("encoding latents", total=len(dataset.cases)) as task:
+        for case in dataset.cases:
+            image = torch.from_numpy(dataset.load_image(case))[None, None].to(device)
+            plain.append(vqgan.encode(image).float().cpu())
+            if mirror_x:
+                mirrored.append(vqgan.encode(image.flip(2)).float().cpu())
+            task.advance(1)
+    return torch.cat(plain + mirrored)
 
 
 def cached_latents(

@@ -25,7 +25,7 @@ from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.latents import LatentScaler, cached_latents
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.unet import build_denoiser
-from bladdergen.engine.run import RunFolder, RunKind, cosine_learning_rate, no_sync
+from bladdergen.engine.run import RunFolder, RunKind, no_sync, scheduled_learning_rate
 from bladdergen.errors import InputError
 from bladdergen.progress import SILENT, Reporter
 from bladdergen.runtime import (
@@ -53,9 +53,7 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 
 def learning_rate(cfg: LDMConfig, step: int) -> float:
     """The denoiser's learning rate at ``step``: constant, or cosine down to a tenth."""
-    if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
-    return cosine_learning_rate(cfg.learning_rate, step, cfg.max_steps)
+    return scheduled_learning_rate(cfg.lr_schedule, cfg.learning_rate, step, cfg.max_steps)
 
 
 def reference_affine(dataset: PreprocessedSet) -> np.ndarray:

@@ -94,10 +94,11 @@ class RunKind:
         object.__setattr__(self, "entries", frozenset(entries))
 
 
-def cosine_learning_rate(lr: float, step: int, max_steps: int) -> float:
-    """Cosine decay from ``lr`` at step 0 to ``lr / 10`` at the last of ``max_steps`` steps: a
-    steadier final model on short runs than a constant rate, without stopping learning early."""
-    if max_steps <= 1:
+def scheduled_learning_rate(schedule: str, lr: float, step: int, max_steps: int) -> float:
+    """The rate at 0-based ``step``: ``constant`` keeps ``lr``; ``cosine`` decays from ``lr`` at
+    step 0 to ``lr / 10`` at the last of ``max_steps`` steps, a steadier final model on short
+    runs than a constant rate, without stopping learning early."""
+    if schedule == "constant" or max_steps <= 1:
         return lr
     progress = min(step / (max_steps - 1), 1.0)
     return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -19,7 +19,7 @@ from scipy import ndimage
 from bladdergen.checkpoint import WEIGHTS_NAME
 from bladdergen.data.bladder import filled_bladder, lumen
 from bladdergen.data.dataset import PreprocessedSet
-from bladdergen.engine.run import RunFolder, RunKind, cosine_learning_rate, no_sync, unwrap
+from bladdergen.engine.run import RunFolder, RunKind, no_sync, scheduled_learning_rate, unwrap
 from bladdergen.errors import InputError
 from bladdergen.fileio import atomic_write_with
 from bladdergen.progress import SILENT, Reporter
@@ -140,9 +140,7 @@ def _save_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
 
 def learning_rate(cfg: VQGANConfig, step: int) -> float:
     """The autoencoder's learning rate at ``step``: constant, or cosine from lr down to lr / 10."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cosine_learning_rate(cfg.lr, step, cfg.max_steps)
+    return scheduled_learning_rate(cfg.lr_schedule, cfg.lr, step, cfg.max_steps)
 
 
 def train_vqgan(
