@@ -71,6 +71,12 @@ def test_stage_validation_rejects_inverted_window():
         load_config("paper", overrides={"preprocess.window": [300.0, -200.0]})
 
 
+def test_plausible_range_coverage_is_a_probability_or_null():
+    with pytest.raises(ConfigError, match=r"evaluate\.plausible_range_coverage: got 1\.0"):
+        load_config("paper", overrides={"evaluate.plausible_range_coverage": 1.0})
+    assert load_config("paper", overrides={"evaluate.plausible_range_coverage": None})
+
+
 def test_unknown_profile_is_an_error():
     with pytest.raises(ConfigError, match="profile: got 'huge'"):
         load_config("huge")

@@ -181,6 +181,49 @@ def test_a_tumor_through_the_whole_wall_closes_the_bladder_and_is_plausible():
     assert plausibility(m, ranges)["plausible"]
 
 
+def _sized(thickness_mm: float, bladder_ml: float) -> dict:
+    return {"wall_voxels": 1, "wall_thickness_mm": thickness_mm, "bladder_ml": bladder_ml}
+
+
+def test_real_ranges_are_the_log_normal_prediction_interval_of_a_new_volume():
+    # logs 0, 1, 2: mean 1, standard deviation 1, n = 3; Student's t at 0.975 with 2 degrees of
+    # freedom is 4.3027 (table value), so the interval is exp(1 ± 4.3027 * sqrt(4 / 3))
+    measured = [_sized(np.e**k, np.e**k) for k in (0, 1, 2)]
+    half = 4.3027 * np.sqrt(4 / 3)
+    ranges = real_ranges(measured, margin=0.2)
+    for key in ("wall_thickness_mm", "bladder_ml"):
+        assert ranges[key] == pytest.approx([np.exp(1 - half), np.exp(1 + half)], rel=1e-4)
+
+
+def test_real_ranges_keep_the_widened_min_max_where_it_is_wider():
+    # clustered cases (logs within 0.01): the interval is narrower than [min, max] +- 20 %
+    measured = [_sized(3.0, 100.0), _sized(3.01, 101.0), _sized(3.02, 100.5)]
+    ranges = real_ranges(measured, margin=0.2)
+    assert ranges["wall_thickness_mm"] == pytest.approx([3.0 * 0.8, 3.02 * 1.2])
+    assert ranges["bladder_ml"] == pytest.approx([100.0 * 0.8, 101.0 * 1.2])
+
+
+def test_real_ranges_without_coverage_or_with_one_case_are_the_widened_min_max():
+    measured = [_sized(2.0, 50.0), _sized(4.0, 200.0)]
+    assert real_ranges(measured, 0.2, coverage=None) == {
+        "wall_thickness_mm": pytest.approx([1.6, 4.8]),
+        "bladder_ml": pytest.approx([40.0, 240.0]),
+    }
+    assert real_ranges(measured[:1], 0.2)["bladder_ml"] == pytest.approx([40.0, 60.0])
+
+
+def test_a_volume_beyond_the_real_cases_but_inside_the_interval_passes_the_size_check():
+    # six cases 86-214 ml (the bench's labeled phantoms): [min, max] +- 20 % ends at 257 ml, the
+    # 95 % interval of a new case at ~316 ml; 300 ml passes, 10x the largest case does not
+    volumes = [86.4, 108.6, 112.3, 147.4, 149.5, 214.0]
+    ranges = real_ranges([_sized(3.3, v) for v in volumes], margin=0.2)
+    assert 214.0 * 1.2 < 300.0 < ranges["bladder_ml"][1] < 2140.0
+    ring = measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))
+    for volume, expected in ((300.0, True), (2140.0, False), (20.0, False)):
+        checks = plausibility({**ring, "wall_thickness_mm": 3.3, "bladder_ml": volume}, ranges)
+        assert checks["volume_in_range"] is expected
+
+
 def test_a_tumor_only_on_the_outside_of_the_wall_is_not_in_the_bladder():
     classes = ring_classes(outer=8, inner=5)
     classes[_ring_sector(classes, 8, 10), 1:3] = 2  # on the outer surface, away from the urine

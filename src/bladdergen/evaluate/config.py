@@ -34,6 +34,10 @@ class EvaluateConfig:
     near_copy_msssim: float = 0.95
     # Anatomy check: widening of the real wall-thickness and bladder-volume ranges (fraction).
     plausible_range_margin: float = 0.2
+    # Anatomy check: probability that a new real volume's thickness and volume fall in the ranges
+    # (log-normal prediction interval from the real volumes, joined with the widened [min, max]);
+    # null keeps the widened [min, max] alone.
+    plausible_range_coverage: float | None = 0.95
     # Report: volumes per group in the montage.
     montage_cases: int = 4
 
@@ -65,6 +69,11 @@ class EvaluateConfig:
         if self.plausible_range_margin < 0:
             raise ConfigError(
                 f"evaluate.plausible_range_margin: got {self.plausible_range_margin}, expected >= 0"
+            )
+        coverage = self.plausible_range_coverage
+        if coverage is not None and not 0.0 < coverage < 1.0:
+            raise ConfigError(
+                f"evaluate.plausible_range_coverage: got {coverage}, expected in (0, 1) or null"
             )
         if self.montage_cases < 1:
             raise ConfigError(f"evaluate.montage_cases: got {self.montage_cases}, expected >= 1")

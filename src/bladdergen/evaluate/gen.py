@@ -369,7 +369,11 @@ def anatomy_summary(
     analyses: dict[str, list[VolumeAnalysis]], config: EvaluateConfig
 ) -> dict[str, Any]:
     """Plausibility checks per volume; per group the fraction passing each check."""
-    ranges = real_ranges([a.anatomy for a in analyses["real"]], config.plausible_range_margin)
+    ranges = real_ranges(
+        [a.anatomy for a in analyses["real"]],
+        config.plausible_range_margin,
+        config.plausible_range_coverage,
+    )
     result: dict[str, Any] = {"real_ranges": ranges, "min_main_component": MIN_MAIN_COMPONENT}
     for group in GROUPS:
         checks = []
