@@ -16,8 +16,13 @@ from safetensors.torch import load_file
 
 from bladdergen.checkpoint import read_metadata
 from bladdergen.config import load_config
+from bladdergen.deepatlas import train as deepatlas_train
 from bladdergen.deepatlas.pairs import segmentation_updates
-from bladdergen.deepatlas.train import registration_beats_identity, train_deepatlas
+from bladdergen.deepatlas.train import (
+    registration_beats_identity,
+    smoothed_score,
+    train_deepatlas,
+)
 from bladdergen.errors import CheckpointError, ConfigError, InputError
 from bladdergen.progress import Reporter, Task
 
@@ -99,6 +104,53 @@ def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dat
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").open()]
     assert steps == [json.loads(x)["step"] for x in (tmp_path / "straight/metrics.jsonl").open()]
+
+
+def _validations(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in r.items() if k != "seconds"}
+        for r in map(json.loads, lines)
+        if r["phase"] == "validation"
+    ]
+
+
+def test_smoothed_score_is_the_exponential_moving_average():
+    assert smoothed_score(None, 0.4, 0.9) == 0.4
+    assert smoothed_score(0.5, 1.0, 0.9) == pytest.approx(0.55)
+    assert smoothed_score(0.5, 1.0, 0.0) == 1.0
+
+
+def test_best_checkpoint_is_chosen_on_the_smoothed_validation_score(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    # scripted validation scores: the raw best is update 3 (0.65); averaged with 0.5 they are
+    # 0.6, 0.4, 0.525, 0.5625, 0.58125, 0.565625, whose best is update 1
+    scores = iter([0.6, 0.2, 0.65, 0.6, 0.6, 0.55])
+    monkeypatch.setattr(
+        deepatlas_train, "validate", lambda *args: {"dice_mean": next(scores), "dice_wall": 0.0}
+    )
+    steps = {"deepatlas.max_steps": 12, "deepatlas.val_every": 1, "deepatlas.val_smoothing": 0.5}
+    cfg = tiny_config(**steps).deepatlas
+    train_deepatlas(cfg, tiny_dataset, tmp_path, supervised_only=True)
+    validations = _validations(tmp_path)
+    assert [r["dice_mean_smoothed"] for r in validations] == pytest.approx(
+        [0.6, 0.4, 0.525, 0.5625, 0.58125, 0.565625]
+    )
+    assert [r["best"] for r in validations] == [True] + [False] * 5
+    assert read_metadata(tmp_path / "best.safetensors")["step"] == 1
+
+
+def test_a_killed_run_resumes_its_smoothed_validation_score(tiny_dataset, tmp_path):
+    steps = {"deepatlas.max_steps": 8, "deepatlas.val_every": 2, "deepatlas.val_smoothing": 0.5}
+    config = tiny_config(**steps)
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):  # killed at step 7, last checkpoint at step 6
+        train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "killed", reporter=_KillAt(7))
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "killed", resume=True)
+    resumed, straight = _validations(tmp_path / "killed"), _validations(tmp_path / "straight")
+    assert [r["step"] for r in straight] == [4, 6, 8]
+    assert resumed == straight
 
 
 def test_resume_with_a_different_network_is_refused(tiny_dataset, tmp_path):

@@ -7,8 +7,8 @@ baseline's state at that update. The baseline writes that state once, to
 at the end of registration pre-training instead of training those updates again: the same
 weights at the end (tested bit for bit on CPU) without the pre-training's time.
 
-The hand-off holds F_S and its Adam state after the update, the best validation score and
-weights up to then (the validation *at* the hand-off update is left to DeepAtlas, which also
+The hand-off holds F_S and its Adam state after the update, the best (smoothed) validation score,
+the running smoothed score and the best weights up to then (the validation *at* the hand-off update is left to DeepAtlas, which also
 scores its registration there) and the baseline's log records up to then, which DeepAtlas copies
 into its own log at its own step numbers.
 """
@@ -85,6 +85,7 @@ def write_handoff(
     identity: dict[str, Any],
     best_score: float,
     best_step: int | None,
+    val_ema: float | None,
 ) -> None:
     """Write the baseline's state after update ``step`` (rank 0, before that step's validation)."""
     best = None
@@ -103,6 +104,7 @@ def write_handoff(
         "seg_opt": seg_opt.state_dict(),
         "best_score": best_score,
         "best_step": best_step,
+        "val_ema": val_ema,
         "best": best,
         "records": [r for r in records if r["step"] <= step],
     }

@@ -274,6 +274,8 @@ def train_deepatlas(
     run.restore(**stateful)
     best_score = run.state["best_score"] if run.state else -math.inf
     best_step = run.state["best_step"] if run.state else None
+    # the smoothed validation score the best checkpoint is chosen on (None: no validation yet)
+    val_ema = run.state.get("val_ema") if run.state else None
     # the anatomy gate, and the unlabeled ids left after the synthetic filter (None: not yet run)
     gate_open = run.state["gate_open"] if run.state else False
     kept_unlabeled = run.state["kept_unlabeled"] if run.state else None
@@ -308,7 +310,9 @@ def train_deepatlas(
         phase = SUPERVISED if supervised_only else phase_of(step, cfg)
         handed_off = handoff is not None and step == cfg.reg_pretrain_steps
         if handed_off:  # the baseline's pre-training is this run's: take it, skip its updates
-            best_score, best_step = _take_handoff(handoff, run, seg_net, seg_opt, reg_net, metadata)
+            best_score, best_step, val_ema = _take_handoff(
+                handoff, run, seg_net, seg_opt, reg_net, metadata
+            )
             done = run.skip_to(step + cfg.seg_pretrain_steps)
         else:
             # Supervised pre-training draws the baseline's batches (keyed by the segmentation
@@ -344,7 +348,8 @@ def train_deepatlas(
         if supervised_only and done == cfg.seg_pretrain_steps and runtime.is_main:
             # before this update's validation: DeepAtlas validates (and scores registration) here
             state = {"seg_net": seg_net, "seg_opt": seg_opt, "identity": identity}
-            write_handoff(run.path, step=done, best_score=best_score, best_step=best_step, **state)
+            scores = {"best_score": best_score, "best_step": best_step, "val_ema": val_ema}
+            write_handoff(run.path, step=done, **scores, **state)
         # scoring only starts once F_S has been trained: an untrained net that paints "wall"
         # over a region can out-score one that predicts nothing and would be kept as "best"
         seg_trained = supervised_only or done > cfg.reg_pretrain_steps
@@ -355,16 +360,18 @@ def train_deepatlas(
                 # (it can, while F_S and F_R train each other) switches the anatomy term off again
                 gate_open = registration_beats_identity(last_val, cfg)
                 last_val["anatomy_gate"] = gate_open
-            improved = last_val["dice_mean"] > best_score
+            val_ema = smoothed_score(val_ema, last_val["dice_mean"], cfg.val_smoothing)
+            last_val["dice_mean_smoothed"] = val_ema
+            improved = val_ema > best_score
             if improved:
-                best_score, best_step = last_val["dice_mean"], done
+                best_score, best_step = val_ema, done
                 write_weights(run.path / ckpt.BEST_WEIGHTS_NAME, validation=last_val)
             run.log_validation(done, {**last_val, "best": improved})
         if runtime.distributed and reg_net is not None and run.due(done, cfg.val_every):
             gate_open = _from_main_rank(gate_open, runtime)  # rank 0 validated
         if run.due(done, cfg.checkpoint_every) or handed_off:
             scores = {"best_score": best_score, "best_step": best_step, "gate_open": gate_open}
-            scores["kept_unlabeled"] = kept_unlabeled
+            scores |= {"kept_unlabeled": kept_unlabeled, "val_ema": val_ema}
             run.save(done, stateful, write_weights, extra=scores)
 
     updates = segmentation_updates(cfg, cfg.max_steps)
@@ -381,7 +388,7 @@ def train_deepatlas(
         anatomy_gate_open=gate_open,
         from_baseline=facts.get("from_baseline"),
         best_step=best_step,
-        best_dice_mean=None if best_step is None else best_score,
+        best_dice_mean_smoothed=None if best_step is None else best_score,
         last_validation=last_val,
     )
 
@@ -445,10 +452,17 @@ def schedule_fits_baseline(cfg: DeepAtlasConfig) -> str | None:
     )
 
 
-def _take_handoff(handoff, run, seg_net, seg_opt, reg_net, metadata) -> tuple[float, int | None]:
+def smoothed_score(previous: float | None, score: float, smoothing: float) -> float:
+    """The exponential moving average of the validation score that picks the best checkpoint:
+    ``smoothing``·previous + (1 − ``smoothing``)·score, the first score itself."""
+    return score if previous is None else smoothing * previous + (1.0 - smoothing) * score
+
+
+def _take_handoff(handoff, run, seg_net, seg_opt, reg_net, metadata):
     """Load the baseline's F_S and optimiser state into this run at the end of registration
     pre-training; copy its log records and best weights (with this run's F_R) at this run's
-    step numbers. Returns the best validation score and its step."""
+    step numbers. Returns the best (smoothed) validation score, its step and the running
+    smoothed score."""
     shift = run.step  # = reg_pretrain_steps
     unwrap(seg_net).load_state_dict(handoff["seg_net"])
     seg_opt.load_state_dict(handoff["seg_opt"])
@@ -457,15 +471,16 @@ def _take_handoff(handoff, run, seg_net, seg_opt, reg_net, metadata) -> tuple[fl
         if copied.get("phase") == SUPERVISED:
             copied["phase"] = SEG_PRETRAIN
         run.log(record["step"] + shift, {**copied, "from_baseline": True})
+    val_ema = handoff.get("val_ema")
     if handoff["best_step"] is None:
-        return handoff["best_score"], None
+        return handoff["best_score"], None, val_ema
     best_step = handoff["best_step"] + shift
     if run.runtime.is_main:
         reg = portable_state_dict(unwrap(reg_net))
         tensors = dict(handoff["best"]["tensors"]) | {f"reg_net.{k}": v for k, v in reg.items()}
         extra = {"step": best_step, "validation": handoff["best"]["validation"]}
         ckpt.save_weights(run.path / ckpt.BEST_WEIGHTS_NAME, tensors, {**metadata, **extra})
-    return handoff["best_score"], best_step
+    return handoff["best_score"], best_step, val_ema
 
 
 def registration_beats_identity(validation: dict[str, Any], cfg: DeepAtlasConfig) -> bool:
