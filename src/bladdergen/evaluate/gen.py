@@ -600,9 +600,10 @@ def render_report(summary: dict[str, Any]) -> str:
         lines += [
             f"Segmentation model: `{summary['seg_model']}`. Fraction of volumes passing each "
             "check on the model's segmentation (only as good as the model: compare with the real "
-            "column). Real ranges "
-            f"(widened): wall thickness {_range(ranges.get('wall_thickness_mm'))} mm, bladder "
-            f"volume {_range(ranges.get('bladder_ml'))} ml.",
+            "column). Real ranges (the real volumes' [min, max] widened, joined with the "
+            "prediction interval of a new real volume): wall thickness "
+            f"{_range(ranges.get('wall_thickness_mm'))} mm, bladder volume "
+            f"{_range(ranges.get('bladder_ml'))} ml.",
             "",
             "| check | synthetic | real |",
             "|---|---|---|",
