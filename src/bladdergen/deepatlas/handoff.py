@@ -7,10 +7,11 @@ baseline's state at that update. The baseline writes that state once, to
 at the end of registration pre-training instead of training those updates again: the same
 weights at the end (tested bit for bit on CPU) without the pre-training's time.
 
-The hand-off holds F_S and its Adam state after the update, the best (smoothed) validation score,
-the running smoothed score and the best weights up to then (the validation *at* the hand-off update is left to DeepAtlas, which also
-scores its registration there) and the baseline's log records up to then, which DeepAtlas copies
-into its own log at its own step numbers.
+The hand-off holds F_S and its Adam state after the update, the best (smoothed) validation
+score, the running smoothed score and the best weights up to then (the validation *at* the
+hand-off update is left to DeepAtlas, which also scores its registration there) and the
+baseline's log records up to then, which DeepAtlas copies into its own log at its own step
+numbers.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ holds at least ``MIN_MAIN_COMPONENT`` of the wall voxels), it encloses a lumen i
 its wall thickness and its volume lie within the range measured the same way on the real volumes
 (:func:`real_ranges`: where a new real volume lies with 95 % probability), and any tumor touches
 the wall and lies in the bladder: it borders the lumen or sits within the wall, not only on the
-wall's outside (bladder tumors grow from the urothelium, the inner surface). Wall and tumor are taken together as the bladder's tissue: a tumor often replaces
-the wall's whole thickness (transmural), so the outline of the wall alone is open there and the wall
-alone falls apart into pieces; measured that way, a third of the real phantoms' label maps
-failed. The check is only as good as the model: an under-trained model mislabels real and
-synthetic volumes alike.
+wall's outside (bladder tumors grow from the urothelium, the inner surface). Wall and tumor are
+taken together as the bladder's tissue: a tumor often replaces the wall's whole thickness
+(transmural), so the outline of the wall alone is open there and the wall alone falls apart into
+pieces; measured that way, a third of the real phantoms' label maps failed. The check is only
+as good as the model: an under-trained model mislabels real and synthetic volumes alike.
 """
 
 from __future__ import annotations
