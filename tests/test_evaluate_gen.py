@@ -268,9 +268,17 @@ def test_segmentation_model_enables_anatomy_and_network_feature_distance(tmp_pat
     assert result["plausible_fraction"] == summary["anatomy"]["real"]["plausible"] == 1.0
     assert summary["anatomy"]["synthetic"]["one_connected_wall"] == 1.0
     assert summary["appearance"]["model_feature_distance"]["mmd2"] == pytest.approx(0.0)
-    assert (
-        "Fraction of volumes passing each check" in (tmp_path / "out" / "gen_report.md").read_text()
-    )
+    report = (tmp_path / "out" / "gen_report.md").read_text()
+    assert "Fraction of volumes passing each check" in report
+    # the report names the range rule it used: the default joins the prediction interval
+    assert "joined with the 95% prediction interval of a new real volume" in report
+    assert summary["anatomy"]["range_coverage"] == 0.95
+
+
+def test_report_without_coverage_names_the_widened_range_alone():
+    from bladdergen.evaluate.gen import _ranges_rule
+
+    assert _ranges_rule(None) == "the real volumes' [min, max] widened"
 
 
 def test_sample_folder_with_its_own_manifest_is_read_as_hu_nifti(tmp_path):

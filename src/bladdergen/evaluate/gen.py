@@ -375,6 +375,7 @@ def anatomy_summary(
         config.plausible_range_coverage,
     )
     result: dict[str, Any] = {"real_ranges": ranges, "min_main_component": MIN_MAIN_COMPONENT}
+    result["range_coverage"] = config.plausible_range_coverage
     for group in GROUPS:
         checks = []
         for analysis in analyses[group]:
@@ -523,6 +524,13 @@ def _mean_sd(stats: dict[str, Any], digits: int = 3) -> str:
     return f"{_f(stats['mean'], digits)} ± {_f(stats['std'], digits)} (n={stats['n']})"
 
 
+def _ranges_rule(coverage: float | None) -> str:
+    widened = "the real volumes' [min, max] widened"
+    if coverage is None:
+        return widened
+    return f"{widened}, joined with the {coverage:.0%} prediction interval of a new real volume"
+
+
 def render_report(summary: dict[str, Any]) -> str:
     """The Markdown report of a generated-volume evaluation (figures linked relatively)."""
     counts = summary["counts"]
@@ -600,9 +608,8 @@ def render_report(summary: dict[str, Any]) -> str:
         lines += [
             f"Segmentation model: `{summary['seg_model']}`. Fraction of volumes passing each "
             "check on the model's segmentation (only as good as the model: compare with the real "
-            "column). Real ranges (the real volumes' [min, max] widened, joined with the "
-            "prediction interval of a new real volume): wall thickness "
-            f"{_range(ranges.get('wall_thickness_mm'))} mm, bladder volume "
+            f"column). Real ranges ({_ranges_rule(anatomy.get('range_coverage'))}): wall "
+            f"thickness {_range(ranges.get('wall_thickness_mm'))} mm, bladder volume "
             f"{_range(ranges.get('bladder_ml'))} ml.",
             "",
             "| check | synthetic | real |",
