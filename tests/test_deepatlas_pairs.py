@@ -183,3 +183,18 @@ def test_an_unknown_synthetic_pair_tumor_rule_is_refused_with_the_choices():
 
     with pytest.raises(ConfigError, match="got 'drop', expected one of label, ignore"):
         DeepAtlasConfig(synthetic_pair_tumor="drop").validate()
+
+
+def test_an_unknown_reg_augment_tumor_rule_is_refused_with_the_choices():
+    from bladdergen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reg_augment_tumor: got 'drop', expected one of label"):
+        DeepAtlasConfig(reg_augment_tumor="drop").validate()
+
+
+def test_without_tumor_marks_tumor_voxels_ignored_and_keeps_the_other_classes():
+    from bladdergen.deepatlas.train import without_tumor
+
+    classes = torch.tensor([0, 1, 2, 2, 1, IGNORED]).view(1, 1, 6, 1, 1)
+    expected = torch.tensor([0, 1, IGNORED, IGNORED, 1, IGNORED]).view(1, 1, 6, 1, 1)
+    assert torch.equal(without_tumor(classes), expected)

@@ -502,7 +502,31 @@ _DEEPATLAS_ONLY = {
     "deepatlas.reg_steps_per_cycle": 3,
     "deepatlas.pair_tumor_sampling": True,
     "deepatlas.augment_warped": True,
+    "deepatlas.reg_augment_tumor": "ignore",
 }
+
+
+@pytest.mark.parametrize("rule", ["label", "ignore"])
+def test_reg_augment_tumor_decides_whether_warped_tumors_reach_the_loss(
+    tiny_dataset, tmp_path, monkeypatch, rule
+):
+    import bladdergen.deepatlas.train as train_module
+
+    seen = []
+
+    def recording(classes):
+        out = without_tumor(classes)
+        seen.append(set(out.unique().tolist()))
+        return out
+
+    without_tumor = train_module.without_tumor
+    monkeypatch.setattr(train_module, "without_tumor", recording)
+    config = tiny_config(**{"deepatlas.max_steps": 12, "deepatlas.reg_augment_tumor": rule})
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "run")
+    # 12 steps: 4 of pre-training, then 4 segmentation steps (cycles of 2 + 2), each with a
+    # registration-augmented pair when its moving image is labeled
+    assert (0 < len(seen) <= 4) if rule == "ignore" else not seen
+    assert all(2 not in classes for classes in seen)
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,10 @@ import dataclasses
 
 from bladdergen.errors import ConfigError
 
-# what a synthetic pair's generated tumor voxels teach (DeepAtlasConfig.synthetic_pair_tumor)
+# what a synthetic pair's generated tumor voxels teach (DeepAtlasConfig.synthetic_pair_tumor),
+# and those of a registration-augmented pair (DeepAtlasConfig.reg_augment_tumor)
 SYNTHETIC_PAIR_TUMOR = ("label", "ignore")
+REG_AUGMENT_TUMOR = ("label", "ignore")
 
 
 @dataclasses.dataclass
@@ -50,6 +52,9 @@ class DeepAtlasConfig:
     below that, the anatomy term's targets are worse than what F_S already predicts.
     ``reg_augment_weight``: registration as augmentation, a labeled image and its label warped onto
     the other image of a segmentation pair, as an extra supervised pair (0 turns it off).
+    ``reg_augment_tumor`` "ignore" leaves the warped tumor voxels of those pairs out of the
+    supervised loss (the warp resamples a tumor of a few voxels and blurs its 10-40 HU contrast, so
+    F_S would learn tumor boundaries from resampled images); "label" (default) learns them.
     ``seg_augment``: every supervised image (pre-training, the baseline and the labeled images of
     the alternating phase's pairs) is moved by a random
     in-plane rotation (±``augment_rotation_deg``), scale (1 ± ``augment_scale``) and shift
@@ -117,6 +122,7 @@ class DeepAtlasConfig:
     tumor_case_fraction: float = 0.5
     pair_tumor_sampling: bool = False
     reg_augment_weight: float = 1.0
+    reg_augment_tumor: str = "label"
     seg_augment: bool = False
     augment_warped: bool = False
     augment_rotation_deg: float = 15.0
@@ -219,6 +225,11 @@ class DeepAtlasConfig:
             raise ConfigError(
                 f"deepatlas.synthetic_pair_tumor: got {self.synthetic_pair_tumor!r}, expected one "
                 f"of {', '.join(SYNTHETIC_PAIR_TUMOR)}"
+            )
+        if self.reg_augment_tumor not in REG_AUGMENT_TUMOR:
+            raise ConfigError(
+                f"deepatlas.reg_augment_tumor: got {self.reg_augment_tumor!r}, expected one "
+                f"of {', '.join(REG_AUGMENT_TUMOR)}"
             )
         if self.reg_augment_weight < 0:
             raise ConfigError(

@@ -38,7 +38,8 @@ _FREE_KEYS |= {"reg_filters", "reg_inplane_levels", "reg_inplane_downsample", "r
 _FREE_KEYS |= {"diffeomorphic", "integration_steps", "lncc_kernel", "lncc_scales", "reg_weight"}
 _FREE_KEYS |= {"prealign", "anatomy_weight", "anatomy_filled_bladder", "anatomy_gate_margin"}
 _FREE_KEYS |= {"anatomy_gate_segmenter", "pair_tumor_sampling"}
-_FREE_KEYS |= {"reg_augment_weight", "augment_warped", "synthetic_filter", "reg_pretrain_steps"}
+_FREE_KEYS |= {"reg_augment_weight", "reg_augment_tumor", "augment_warped", "synthetic_filter"}
+_FREE_KEYS |= {"reg_pretrain_steps"}
 _FREE_KEYS |= {"reg_steps_per_cycle", "seg_steps_per_cycle"}
 # These act on the supervised draws only through synthetic pairs among the labeled cases, and the
 # labeled ids are compared on their own: free when neither run has a pair (a baseline of the

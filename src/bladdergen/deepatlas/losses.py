@@ -36,6 +36,7 @@ from monai.losses import (
 
 from bladdergen.deepatlas.align import filled_bladder_from_probs
 
+TUMOR = 2  # class label of a tumor voxel (background 0, wall 1)
 IGNORED = 3  # class label of voxels the supervised loss leaves out (background, wall, tumor: 0-2)
 
 

@@ -37,6 +37,7 @@ from bladdergen.deepatlas.fields import Warper, folding_fraction
 from bladdergen.deepatlas.handoff import HANDOFF_NAME, handoff_identity, read_handoff, write_handoff
 from bladdergen.deepatlas.losses import (
     IGNORED,
+    TUMOR,
     DeepAtlasLosses,
     anatomy_channels,
     disable_tf32,
@@ -104,7 +105,7 @@ class _Images:
         if self.ignore_synthetic_tumor:
             for row, i in enumerate(indices):
                 if self.items[i].source == "synthetic":
-                    classes[row][classes[row] == 2] = IGNORED
+                    classes[row][classes[row] == TUMOR] = IGNORED
         return classes
 
     synthetic_weight = 1.0
@@ -132,7 +133,7 @@ class _Images:
             i
             for i in range(self.n_labeled)
             if not (self.ignore_synthetic_tumor and self.items[i].source == "synthetic")
-            and (self.cache.get(self.items[i].label_path, np.uint8) == 2).any()
+            and (self.cache.get(self.items[i].label_path, np.uint8) == TUMOR).any()
         ]
 
     def with_unlabeled(self, keep: list[str]) -> _Images:
@@ -686,6 +687,8 @@ def _segmentation_step(
             hot = one_hot(images.labels(augment_idx, rt.device))
             augment_labels = warper(hot, field[rows]).argmax(dim=1, keepdim=True)
             augment_labels = images.mark_ignored(augment_idx, augment_labels)
+            if cfg.reg_augment_tumor == "ignore":
+                augment_labels = without_tumor(augment_labels)
             if cfg.seg_augment and cfg.augment_warped:
                 inputs[-1], augment_labels = augment_labeled(
                     inputs[-1], augment_labels, rng, augment_ranges(cfg)
@@ -713,6 +716,11 @@ def _segmentation_step(
     loss.backward()
     seg_opt.step()
     return {"loss": float(loss.detach()), **terms}
+
+
+def without_tumor(classes: torch.Tensor) -> torch.Tensor:
+    """Class labels with every tumor voxel marked ``IGNORED``: left out of the supervised loss."""
+    return classes.masked_fill(classes == TUMOR, IGNORED)
 
 
 def augment_ranges(cfg: DeepAtlasConfig) -> AugmentRanges:
