@@ -193,7 +193,7 @@ def test_an_unknown_reg_augment_tumor_rule_is_refused_with_the_choices():
 
 
 def test_without_tumor_marks_tumor_voxels_ignored_and_keeps_the_other_classes():
-    from bladdergen.deepatlas.train import without_tumor
+    from bladdergen.deepatlas.losses import without_tumor
 
     classes = torch.tensor([0, 1, 2, 2, 1, IGNORED]).view(1, 1, 6, 1, 1)
     expected = torch.tensor([0, 1, IGNORED, IGNORED, 1, IGNORED]).view(1, 1, 6, 1, 1)

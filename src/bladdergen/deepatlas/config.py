@@ -12,10 +12,9 @@ import dataclasses
 
 from bladdergen.errors import ConfigError
 
-# what a synthetic pair's generated tumor voxels teach (DeepAtlasConfig.synthetic_pair_tumor),
-# and those of a registration-augmented pair (DeepAtlasConfig.reg_augment_tumor)
-SYNTHETIC_PAIR_TUMOR = ("label", "ignore")
-REG_AUGMENT_TUMOR = ("label", "ignore")
+# what the tumor voxels of a synthetic pair (DeepAtlasConfig.synthetic_pair_tumor) or of a
+# registration-augmented pair (DeepAtlasConfig.reg_augment_tumor) teach
+TUMOR_RULES = ("label", "ignore")
 
 
 @dataclasses.dataclass
@@ -224,16 +223,12 @@ class DeepAtlasConfig:
             raise ConfigError(
                 f"deepatlas.synthetic_pair_weight: got {self.synthetic_pair_weight}, expected > 0"
             )
-        if self.synthetic_pair_tumor not in SYNTHETIC_PAIR_TUMOR:
-            raise ConfigError(
-                f"deepatlas.synthetic_pair_tumor: got {self.synthetic_pair_tumor!r}, expected one "
-                f"of {', '.join(SYNTHETIC_PAIR_TUMOR)}"
-            )
-        if self.reg_augment_tumor not in REG_AUGMENT_TUMOR:
-            raise ConfigError(
-                f"deepatlas.reg_augment_tumor: got {self.reg_augment_tumor!r}, expected one "
-                f"of {', '.join(REG_AUGMENT_TUMOR)}"
-            )
+        for key in ("synthetic_pair_tumor", "reg_augment_tumor"):
+            if getattr(self, key) not in TUMOR_RULES:
+                raise ConfigError(
+                    f"deepatlas.{key}: got {getattr(self, key)!r}, expected one "
+                    f"of {', '.join(TUMOR_RULES)}"
+                )
         if self.reg_augment_weight < 0:
             raise ConfigError(
                 f"deepatlas.reg_augment_weight: got {self.reg_augment_weight}, expected >= 0"

@@ -40,6 +40,11 @@ TUMOR = 2  # class label of a tumor voxel (background 0, wall 1)
 IGNORED = 3  # class label of voxels the supervised loss leaves out (background, wall, tumor: 0-2)
 
 
+def without_tumor(classes: torch.Tensor) -> torch.Tensor:
+    """Class labels with every tumor voxel marked ``IGNORED``: left out of the supervised loss."""
+    return classes.masked_fill(classes == TUMOR, IGNORED)
+
+
 def disable_tf32() -> None:
     """Turn TF32 matmul/convolution off (MONAI#6525: LNCC under TF32 can give huge negative loss)."""
     torch.backends.cuda.matmul.allow_tf32 = False

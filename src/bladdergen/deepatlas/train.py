@@ -36,12 +36,12 @@ from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.fields import Warper, folding_fraction
 from bladdergen.deepatlas.handoff import HANDOFF_NAME, handoff_identity, read_handoff, write_handoff
 from bladdergen.deepatlas.losses import (
-    IGNORED,
     TUMOR,
     DeepAtlasLosses,
     anatomy_channels,
     disable_tf32,
     one_hot,
+    without_tumor,
 )
 from bladdergen.deepatlas.networks import RegistrationNet, SegmentationNet, portable_state_dict
 from bladdergen.deepatlas.pairs import (
@@ -105,7 +105,7 @@ class _Images:
         if self.ignore_synthetic_tumor:
             for row, i in enumerate(indices):
                 if self.items[i].source == "synthetic":
-                    classes[row][classes[row] == TUMOR] = IGNORED
+                    classes[row] = without_tumor(classes[row])
         return classes
 
     synthetic_weight = 1.0
@@ -716,11 +716,6 @@ def _segmentation_step(
     loss.backward()
     seg_opt.step()
     return {"loss": float(loss.detach()), **terms}
-
-
-def without_tumor(classes: torch.Tensor) -> torch.Tensor:
-    """Class labels with every tumor voxel marked ``IGNORED``: left out of the supervised loss."""
-    return classes.masked_fill(classes == TUMOR, IGNORED)
 
 
 def augment_ranges(cfg: DeepAtlasConfig) -> AugmentRanges:
