@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -72,8 +73,16 @@ def start_runtime(device_name: str = "auto") -> Runtime:
 
 
 def stop_runtime() -> None:
-    """Tear down the process group if one was started."""
+    """Tear down the process group if one was started.
+
+    After a run that ended normally every rank first waits for the others: a rank that exits
+    while a peer is still in its last collective closes the gloo socket under it, and the peer
+    aborts (SIGABRT, seen now and then in the two-process tests). Called from ``finally`` while
+    an exception propagates, it skips the wait, since the failed rank's peers may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
