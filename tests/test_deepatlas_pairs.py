@@ -198,3 +198,10 @@ def test_without_tumor_marks_tumor_voxels_ignored_and_keeps_the_other_classes():
     classes = torch.tensor([0, 1, 2, 2, 1, IGNORED]).view(1, 1, 6, 1, 1)
     expected = torch.tensor([0, 1, IGNORED, IGNORED, 1, IGNORED]).view(1, 1, 6, 1, 1)
     assert torch.equal(without_tumor(classes), expected)
+
+
+def test_an_unknown_supervised_draw_is_refused_with_the_choices():
+    from bladdergen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seg_supervised_draw: got 'all', expected one of pairs"):
+        DeepAtlasConfig(seg_supervised_draw="all").validate()

@@ -328,6 +328,66 @@ def test_deepatlas_pretraining_gives_the_baseline_s_segmentation_net(
     assert seg_keys and all(torch.equal(deepatlas[k], supervised[k]) for k in seg_keys)
 
 
+def test_with_the_baseline_s_draw_and_nothing_added_deepatlas_trains_the_baseline_s_net(
+    tiny_dataset, tmp_path
+):
+    """seg_supervised_draw "baseline": an alternating segmentation step learns from the
+    baseline's batch of the same update, so with no anatomy term and no registration
+    augmentation every update equals the baseline's and so do the final weights (with
+    supervised weight 1: the baseline's loss is unweighted, and Adam is scale-invariant only up
+    to its epsilon)."""
+    settings = {
+        "deepatlas.max_steps": 12,
+        "deepatlas.supervised_weight": 1.0,
+        "deepatlas.checkpoint_every": 12,
+        "deepatlas.seg_augment": True,
+        "deepatlas.anatomy_weight": 0.0,
+        "deepatlas.reg_augment_weight": 0.0,
+    }
+    config = tiny_config(**settings, **{"deepatlas.seg_supervised_draw": "baseline"})
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "sup", supervised_only=True)
+    deepatlas = load_file(tmp_path / "da" / "model.safetensors")
+    supervised = load_file(tmp_path / "sup" / "model.safetensors")
+    assert segmentation_updates(config.deepatlas, 12) > config.deepatlas.seg_pretrain_steps
+    seg_keys = [k for k in supervised if k.startswith("seg_net.")]
+    assert seg_keys and all(torch.equal(deepatlas[k], supervised[k]) for k in seg_keys)
+    # the pair draw of the paper's DeepAtlas trains another net from the same pre-training
+    paper = tiny_config(**settings)
+    train_deepatlas(paper.deepatlas, tiny_dataset, tmp_path / "pairs")
+    pairs = load_file(tmp_path / "pairs" / "model.safetensors")
+    assert not all(torch.equal(pairs[k], supervised[k]) for k in seg_keys)
+
+
+def test_with_the_baseline_s_draw_every_segmentation_pair_moves_its_labeled_image(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """Every alternating segmentation step adds one registration-augmented pair, also when the
+    pair was drawn with its labeled image as the target."""
+    import bladdergen.deepatlas.train as train_module
+
+    seen = []
+
+    def recording(classes):
+        seen.append(classes)
+        return classes
+
+    monkeypatch.setattr(train_module, "without_tumor", recording)
+    # every pair drawn as (unlabeled moving, labeled target): the draw must turn it round
+    monkeypatch.setattr(
+        train_module, "segmentation_pairs", lambda rng, n_labeled, *a, **k: [(n_labeled, 0)]
+    )
+    settings = {
+        "deepatlas.max_steps": 12,
+        "deepatlas.reg_augment_tumor": "ignore",  # so the spy sees each augmented pair
+        "deepatlas.seg_supervised_draw": "baseline",
+    }
+    config = tiny_config(**settings)
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
+    alternating = segmentation_updates(config.deepatlas, 12) - config.deepatlas.seg_pretrain_steps
+    assert alternating > 0 and len(seen) == alternating
+
+
 def _record_augmentations(monkeypatch) -> list[set[int]]:
     """Spy on the trainer's augment_labeled: one entry per call, the classes of its output labels."""
     import bladdergen.deepatlas.train as train_module
@@ -503,6 +563,7 @@ _DEEPATLAS_ONLY = {
     "deepatlas.pair_tumor_sampling": True,
     "deepatlas.augment_warped": True,
     "deepatlas.reg_augment_tumor": "ignore",
+    "deepatlas.seg_supervised_draw": "baseline",
 }
 
 

@@ -15,6 +15,9 @@ from bladdergen.errors import ConfigError
 # what the tumor voxels of a synthetic pair (DeepAtlasConfig.synthetic_pair_tumor) or of a
 # registration-augmented pair (DeepAtlasConfig.reg_augment_tumor) teach
 TUMOR_RULES = ("label", "ignore")
+# what the supervised term of an alternating-phase segmentation step learns from
+# (DeepAtlasConfig.seg_supervised_draw)
+SUPERVISED_DRAWS = ("pairs", "baseline")
 
 
 @dataclasses.dataclass
@@ -57,6 +60,11 @@ class DeepAtlasConfig:
     Measured on phantoms (docs/benchmarks.md, 2 labeled cases, three seeds): "ignore" did not raise
     tumor Dice in either DeepAtlas arm (+0.006 with real unlabeled scans, −0.046 with synthetic
     volumes added), so it stays off.
+    ``seg_supervised_draw``: "pairs" (default, the paper's DeepAtlas): the supervised term of an
+    alternating segmentation step is on the labeled images of its pairs. "baseline": it is on the
+    baseline's own batch of that segmentation update (the same cases and augmentation, from the
+    same random draws), and each pair's labeled image is its moving image, so every step adds a
+    registration-augmented pair: the step is the baseline's step plus what registration adds.
     ``seg_augment``: every supervised image (pre-training, the baseline and the labeled images of
     the alternating phase's pairs) is moved by a random
     in-plane rotation (±``augment_rotation_deg``), scale (1 ± ``augment_scale``) and shift
@@ -123,6 +131,7 @@ class DeepAtlasConfig:
     class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
     tumor_case_fraction: float = 0.5
     pair_tumor_sampling: bool = False
+    seg_supervised_draw: str = "pairs"
     reg_augment_weight: float = 1.0
     reg_augment_tumor: str = "label"
     seg_augment: bool = False
@@ -229,6 +238,11 @@ class DeepAtlasConfig:
                     f"deepatlas.{key}: got {getattr(self, key)!r}, expected one "
                     f"of {', '.join(TUMOR_RULES)}"
                 )
+        if self.seg_supervised_draw not in SUPERVISED_DRAWS:
+            raise ConfigError(
+                f"deepatlas.seg_supervised_draw: got {self.seg_supervised_draw!r}, expected one "
+                f"of {', '.join(SUPERVISED_DRAWS)}"
+            )
         if self.reg_augment_weight < 0:
             raise ConfigError(
                 f"deepatlas.reg_augment_weight: got {self.reg_augment_weight}, expected >= 0"

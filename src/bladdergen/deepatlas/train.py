@@ -321,6 +321,9 @@ def train_deepatlas(
             # and differ only by what the alternating phase adds: a paired comparison.
             draw = step - cfg.reg_pretrain_steps if phase == SEG_PRETRAIN else step
             rng = step_rng(seed, draw, runtime.rank)
+            # with seg_supervised_draw "baseline" the alternating phase's supervised batch is
+            # the baseline's batch of the same segmentation update, drawn the same way
+            baseline_rng = step_rng(seed, segmentation_updates(cfg, step), runtime.rank)
             if kept_unlabeled is None and phase in (REG, SEG):  # pre-training just ended
                 kept_unlabeled, record = filter_synthetic(images, seg_net, cfg, spacing, runtime)
                 images = images.with_unlabeled(kept_unlabeled)
@@ -344,6 +347,7 @@ def train_deepatlas(
                     cfg,
                     runtime,
                     anatomy_on=gate_open,
+                    baseline_rng=baseline_rng,
                 )
             done = run.end_step(step, terms, phase=phase)
         if supervised_only and done == cfg.seg_pretrain_steps and runtime.is_main:
@@ -612,26 +616,47 @@ def _supervised_draw(rng, images, cfg) -> list[int]:
     return [tumor_or(rng, i, tumors, cfg.tumor_case_fraction, weights) for i in indices]
 
 
+def _supervised_batch(rng, images, cfg, rt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline's batch of one segmentation update: drawn labeled images and their loss
+    labels, augmented with ``seg_augment``, all from ``rng``."""
+    indices = _supervised_draw(rng, images, cfg)
+    volume, classes = images.images(indices, rt.device), images.loss_labels(indices, rt.device)
+    if cfg.seg_augment:
+        volume, classes = augment_labeled(volume, classes, rng, augment_ranges(cfg))
+    return volume, classes
+
+
 def _segmentation_step(
-    phase, rng, images, seg_net, reg_net, seg_opt, losses, warper, cfg, rt, anatomy_on=True
+    phase,
+    rng,
+    images,
+    seg_net,
+    reg_net,
+    seg_opt,
+    losses,
+    warper,
+    cfg,
+    rt,
+    anatomy_on=True,
+    baseline_rng=None,
 ):
     """Segmentation update, registration frozen.
 
     Pre-training and the baseline: Dice + CE on a batch of labeled images (augmented with
     ``seg_augment``). Alternating phase:
     λ_a·Dice(S_m∘φ, S_t) (only once the anatomy gate is open, ``anatomy_on``) + λ_sp·(Dice + CE on
-    the labeled images of the pair, augmented with ``seg_augment``) + ``reg_augment_weight``·λ_sp·
-    (Dice + CE on each labeled moving image warped onto its target with its warped label:
-    registration as augmentation, moved once more by a random transform with ``augment_warped``);
-    pairs with at least one labeled image only. A synthetic pair's tumor voxels are left out of
-    every supervised term under ``synthetic_pair_tumor`` "ignore".
+    the supervised images) + ``reg_augment_weight``·λ_sp·(Dice + CE on each labeled moving image
+    warped onto its target with its warped label: registration as augmentation, moved once more by
+    a random transform with ``augment_warped``); pairs with at least one labeled image only. The
+    supervised images are the labeled images of the pairs (``seg_supervised_draw`` "pairs"), or
+    the baseline's batch of this segmentation update, drawn from ``baseline_rng`` ("baseline"),
+    with every pair's labeled image as its moving image. Both augmented with ``seg_augment``. A
+    synthetic pair's tumor voxels are left out of every supervised term under
+    ``synthetic_pair_tumor`` "ignore".
     """
     seg_net.train()
     if phase != SEG:
-        indices = _supervised_draw(rng, images, cfg)
-        volume, classes = images.images(indices, rt.device), images.loss_labels(indices, rt.device)
-        if cfg.seg_augment:
-            volume, classes = augment_labeled(volume, classes, rng, augment_ranges(cfg))
+        volume, classes = _supervised_batch(rng, images, cfg, rt)
         with autocast(rt.device):
             logits = seg_net(volume)
         loss = losses.supervised(logits, classes)
@@ -640,11 +665,15 @@ def _segmentation_step(
         seg_opt.step()
         return {"loss": float(loss.detach()), "supervised": float(loss.detach())}
 
+    from_baseline = cfg.seg_supervised_draw == "baseline"
     n_unlabeled = len(images.items) - images.n_labeled
     tumors = images.tumor_cases() if cfg.pair_tumor_sampling else None
     pairs = segmentation_pairs(
         rng, images.n_labeled, n_unlabeled, cfg.batch_size, tumors, cfg.tumor_case_fraction
     )
+    if from_baseline:
+        # the labeled image moves, so every pair yields a registration-augmented pair
+        pairs = [(m, t) if m < images.n_labeled else (t, m) for m, t in pairs]
     moving_idx, target_idx = [p[0] for p in pairs], [p[1] for p in pairs]
     moving = images.images(moving_idx, rt.device)
     target = images.images(target_idx, rt.device)
@@ -663,22 +692,36 @@ def _segmentation_step(
             cfg.prealign,
             rt,
         )
+    anatomy = anatomy_on and cfg.anatomy_weight > 0
     augment_rows = [row for row, i in enumerate(moving_idx) if i < images.n_labeled]
     augment = cfg.reg_augment_weight > 0 and bool(augment_rows)
+    # the images of the step's one forward (DDP allows one forward per backward), in row order:
+    # supervised images, the pair (for the anatomy term), registration-augmented images
+    inputs: list[torch.Tensor] = []
     pair_images = torch.cat([moving, target])
-    all_idx = moving_idx + target_idx
-    labeled_rows = [row for row, i in enumerate(all_idx) if i < images.n_labeled]
-    labeled_truth = images.loss_labels([all_idx[r] for r in labeled_rows], rt.device)
-    if cfg.seg_augment and labeled_rows:
-        # the supervised term sees its labeled images augmented, as the baseline's draws are;
-        # the anatomy term replaces labeled rows by their manual labels, so it is unaffected,
-        # and the field and registration augmentation use the images as they are
-        rows = torch.tensor(labeled_rows, device=rt.device)
-        moved, labeled_truth = augment_labeled(
-            pair_images[rows], labeled_truth, rng, augment_ranges(cfg)
-        )
-        pair_images = pair_images.index_copy(0, rows, moved)
-    inputs = [pair_images]
+    if from_baseline:
+        supervised_volume, supervised_truth = _supervised_batch(baseline_rng, images, cfg, rt)
+        inputs.append(supervised_volume)
+        supervised_rows = list(range(len(supervised_volume)))
+        pair_start = len(supervised_volume)
+        if anatomy:
+            inputs.append(pair_images)
+    else:
+        all_idx = moving_idx + target_idx
+        supervised_rows = [row for row, i in enumerate(all_idx) if i < images.n_labeled]
+        supervised_truth = images.loss_labels([all_idx[r] for r in supervised_rows], rt.device)
+        if cfg.seg_augment and supervised_rows:
+            # the supervised term sees its labeled images augmented, as the baseline's draws are;
+            # the anatomy term replaces labeled rows by their manual labels, so it is unaffected,
+            # and the field and registration augmentation use the images as they are
+            rows = torch.tensor(supervised_rows, device=rt.device)
+            moved, supervised_truth = augment_labeled(
+                pair_images[rows], supervised_truth, rng, augment_ranges(cfg)
+            )
+            pair_images = pair_images.index_copy(0, rows, moved)
+        inputs.append(pair_images)
+        pair_start = 0
+    augment_start = sum(len(x) for x in inputs)
     if augment:
         with torch.no_grad():
             rows = torch.tensor(augment_rows, device=rt.device)
@@ -693,23 +736,22 @@ def _segmentation_step(
                 inputs[-1], augment_labels = augment_labeled(
                     inputs[-1], augment_labels, rng, augment_ranges(cfg)
                 )
-    # one forward for every image of the step (DDP allows one forward per backward)
     with autocast(rt.device):
         logits = seg_net(torch.cat(inputs)).float()
-    probs = torch.softmax(logits[: 2 * batch], dim=1)
-    supervised = losses.supervised(logits[labeled_rows], labeled_truth)
+    supervised = losses.supervised(logits[supervised_rows], supervised_truth)
     loss = cfg.supervised_weight * supervised
     terms = {"supervised": float(supervised.detach()), "anatomy_on": bool(anatomy_on)}
-    if anatomy_on and cfg.anatomy_weight > 0:
+    if anatomy:
+        probs = torch.softmax(logits[pair_start : pair_start + 2 * batch], dim=1)
         filled = cfg.anatomy_filled_bladder
         seg_m = _with_manual_labels(moving_idx, probs[:batch], images, rt)
         seg_t = _with_manual_labels(target_idx, probs[batch:], images, rt)
         warped = warper(anatomy_channels(seg_m, filled), field)
-        anatomy = losses.anatomy(warped, anatomy_channels(seg_t, filled))
-        loss = loss + cfg.anatomy_weight * anatomy
-        terms["anatomy"] = float(anatomy.detach())
+        anatomy_loss = losses.anatomy(warped, anatomy_channels(seg_t, filled))
+        loss = loss + cfg.anatomy_weight * anatomy_loss
+        terms["anatomy"] = float(anatomy_loss.detach())
     if augment:
-        augmented = losses.supervised(logits[2 * batch :], augment_labels)
+        augmented = losses.supervised(logits[augment_start:], augment_labels)
         loss = loss + cfg.reg_augment_weight * cfg.supervised_weight * augmented
         terms["augmented"] = float(augmented.detach())
     seg_opt.zero_grad(set_to_none=True)
