@@ -353,7 +353,7 @@ def test_with_the_baseline_s_draw_and_nothing_added_deepatlas_trains_the_baselin
     seg_keys = [k for k in supervised if k.startswith("seg_net.")]
     assert seg_keys and all(torch.equal(deepatlas[k], supervised[k]) for k in seg_keys)
     # the pair draw of the paper's DeepAtlas trains another net from the same pre-training
-    paper = tiny_config(**settings)
+    paper = tiny_config(**settings, **{"deepatlas.seg_supervised_draw": "pairs"})
     train_deepatlas(paper.deepatlas, tiny_dataset, tmp_path / "pairs")
     pairs = load_file(tmp_path / "pairs" / "model.safetensors")
     assert not all(torch.equal(pairs[k], supervised[k]) for k in seg_keys)
@@ -563,7 +563,7 @@ _DEEPATLAS_ONLY = {
     "deepatlas.pair_tumor_sampling": True,
     "deepatlas.augment_warped": True,
     "deepatlas.reg_augment_tumor": "ignore",
-    "deepatlas.seg_supervised_draw": "baseline",
+    "deepatlas.seg_supervised_draw": "pairs",  # the tiny default is "baseline"
 }
 
 
