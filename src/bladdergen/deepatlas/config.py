@@ -65,9 +65,10 @@ class DeepAtlasConfig:
     profile): it is on the baseline's own batch of that segmentation update (the same cases,
     tumor-aware draws and augmentation, from the same random numbers), and each pair's labeled
     image is its moving image, so every step adds a registration-augmented pair: the step is the
-    baseline's step plus what registration adds. Measured on phantoms (docs/benchmarks.md, three
-    seeds): the same wall Dice as "pairs" (−0.002 at 2 and at 4 labeled cases), and the tumor Dice
-    that "pairs" costs against the baseline comes back (4 labeled: 0.367 → 0.429, baseline 0.447).
+    baseline's step plus what registration adds. Measured on phantoms (docs/benchmarks.md): the
+    same wall Dice as "pairs" (−0.001 at 2 labeled cases, −0.002 at 4), and at 4 labeled cases the
+    tumor Dice that "pairs" costs against the baseline comes back (0.367 → 0.429, baseline 0.447;
+    a tie at 2).
     ``seg_augment``: every supervised image (pre-training, the baseline and the labeled images of
     the alternating phase's pairs) is moved by a random
     in-plane rotation (±``augment_rotation_deg``), scale (1 ± ``augment_scale``) and shift
@@ -291,9 +292,10 @@ TINY = {
     "seg_augment": True,
     "anatomy_weight": 0.0,
     # Measured on phantoms (docs/benchmarks.md, "The baseline's own batch"): learning the
-    # alternating phase's supervised term from the baseline's batch keeps the wall gain (−0.002
-    # at 2 and at 4 labeled cases) and gives back the tumor Dice DeepAtlas cost (4 labeled:
-    # 0.367 → 0.429, baseline 0.447; 2 labeled: 0.432 → 0.441, baseline 0.442).
+    # alternating phase's supervised term from the baseline's batch keeps the wall gain (−0.001
+    # at 2 labeled cases, −0.002 at 4) and gives back the tumor Dice DeepAtlas cost at 4 labeled
+    # cases (0.367 → 0.429, the baseline 0.447; a tie at 2). And the arms then differ by the
+    # registration terms alone.
     "seg_supervised_draw": "baseline",
     "val_cases": 3,
     "val_every": 50,
