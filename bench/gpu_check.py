@@ -304,6 +304,14 @@ class MemoryImages:
         ]
         self.n_labeled = n_labeled
 
+    def weights(self, indices: list[int]) -> None:
+        """Draw weights of labeled ``indices``: no synthetic pair here, so a uniform draw."""
+        return None
+
+    def draw(self, rng: np.random.Generator, count: int) -> list[int]:
+        """``count`` labeled indices, uniform with replacement (the supervised baseline's draw)."""
+        return [int(i) for i in rng.integers(self.n_labeled, size=count)]
+
     def tumor_cases(self) -> list[int]:
         """Labeled indices whose label holds tumor voxels (class 2)."""
         return [i for i in range(self.n_labeled) if (self.label_arrays[i] == 2).any()]
@@ -542,8 +550,21 @@ def stage_deepatlas(ctx: Context, kind: str) -> dict[str, Any]:
             return deepatlas_train._registration_step(
                 REG, rng, pool, seg_net, reg_net, reg_opt, losses, warper, cfg, ctx.runtime
             )
+        # the supervised batch's own random numbers (``seg_supervised_draw: baseline``), as the
+        # trainer keys them apart from the pair draw
+        baseline_rng = step_rng(ctx.config.seed, step, 1)
         return deepatlas_train._segmentation_step(
-            SEG, rng, pool, seg_net, reg_net, seg_opt, losses, warper, cfg, ctx.runtime
+            SEG,
+            rng,
+            pool,
+            seg_net,
+            reg_net,
+            seg_opt,
+            losses,
+            warper,
+            cfg,
+            ctx.runtime,
+            baseline_rng=baseline_rng,
         )
 
     timing = timed_steps(ctx, one_step, ctx.args.steps)
