@@ -310,7 +310,9 @@ class MemoryImages:
 
     def draw(self, rng: np.random.Generator, count: int) -> list[int]:
         """``count`` labeled indices, uniform with replacement (the supervised baseline's draw)."""
-        return [int(i) for i in rng.integers(self.n_labeled, size=count)]
+        from bladdergen.deepatlas.pairs import labeled_batch
+
+        return labeled_batch(rng, self.n_labeled, count)
 
     def tumor_cases(self) -> list[int]:
         """Labeled indices whose label holds tumor voxels (class 2)."""

@@ -236,17 +236,14 @@ class DeepAtlasConfig:
             raise ConfigError(
                 f"deepatlas.synthetic_pair_weight: got {self.synthetic_pair_weight}, expected > 0"
             )
-        for key in ("synthetic_pair_tumor", "reg_augment_tumor"):
-            if getattr(self, key) not in TUMOR_RULES:
+        choices = {"synthetic_pair_tumor": TUMOR_RULES, "reg_augment_tumor": TUMOR_RULES}
+        choices["seg_supervised_draw"] = SUPERVISED_DRAWS
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
                 raise ConfigError(
                     f"deepatlas.{key}: got {getattr(self, key)!r}, expected one "
-                    f"of {', '.join(TUMOR_RULES)}"
+                    f"of {', '.join(allowed)}"
                 )
-        if self.seg_supervised_draw not in SUPERVISED_DRAWS:
-            raise ConfigError(
-                f"deepatlas.seg_supervised_draw: got {self.seg_supervised_draw!r}, expected one "
-                f"of {', '.join(SUPERVISED_DRAWS)}"
-            )
         if self.reg_augment_weight < 0:
             raise ConfigError(
                 f"deepatlas.reg_augment_weight: got {self.reg_augment_weight}, expected >= 0"
