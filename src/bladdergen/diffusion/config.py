@@ -125,6 +125,11 @@ class SampleConfig:
     label map passes); then ``-n`` counts kept samples and at most ``max_attempts`` x n candidates
     are tried, the rejected ones recorded in the manifest. Both need a VQ-GAN with a trained label
     decoder.
+
+    ``noise``: ``residual`` adds to each volume the CT noise the VQ-GAN's decoder leaves out, at the
+    level and correlation ``train-ldm`` measured on the training set (``diffusion.noise``; the
+    paper adds none); ``none`` writes the decoder's output as it is. LDMs trained before the noise
+    model existed sample without it.
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -136,6 +141,7 @@ class SampleConfig:
     layout: Literal["bladdergen", "nnunet"] = "bladdergen"
     keep: Literal["all", "plausible"] = "all"
     max_attempts: int = 10
+    noise: Literal["residual", "none"] = "residual"
     device: str = "auto"
 
     def validate(self) -> None:

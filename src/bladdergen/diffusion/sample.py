@@ -42,6 +42,7 @@ from bladdergen.diffusion.layout import (
     sample_name,
     write_nnunet_dataset_json,
 )
+from bladdergen.diffusion.noise import NoiseModel, add_noise
 from bladdergen.diffusion.preview import write_preview
 from bladdergen.diffusion.samplers import make_sampler, per_sample_noise
 from bladdergen.diffusion.schedule import NoiseSchedule
@@ -54,6 +55,7 @@ from bladdergen.runtime import Runtime, all_reduce_sum_, autocast, barrier, star
 from bladdergen.settings import from_mapping, to_mapping, write_yaml
 
 MANIFEST_NAME = "manifest.json"
+NOISE_STREAM = 1  # third seed word of a sample's added-noise generator
 MANIFEST_FORMAT = "bladdergen-samples"
 PREVIEW_DIR = "previews"
 # What sample writes into --out besides its layout's files (anything else there is refused).
@@ -157,7 +159,13 @@ def _check_inputs(n: int, seed: int, out_dir: Path, layout: SampleLayout) -> Non
     check_output_folder(out_dir, COMMON_OUTPUTS + layout.owned(), "sample")
 
 
-def _settings(config: PipelineConfig, seed: int, checkpoint_hash: str, vqgan_hash: str) -> dict:
+def _settings(
+    config: PipelineConfig,
+    seed: int,
+    checkpoint_hash: str,
+    vqgan_hash: str,
+    noise: NoiseModel | None,
+) -> dict:
     cfg = config.sample
     return {
         "seed": seed,
@@ -169,6 +177,8 @@ def _settings(config: PipelineConfig, seed: int, checkpoint_hash: str, vqgan_has
         "keep": cfg.keep,
         "checkpoint_sha256": checkpoint_hash,
         "vqgan_sha256": vqgan_hash,
+        # the noise model added; absent (None) in folders sampled before it existed
+        "noise": noise.to_dict() if noise is not None else None,
     }
 
 
@@ -259,8 +269,16 @@ def sample_volumes(
         raise InputError("--keep plausible: runs in one process (it accepts samples in order)")
     # --keep plausible tries at most max_attempts * n candidates
     candidates = n * cfg.max_attempts if cfg.keep == "plausible" else n
+    noise = None
+    if cfg.noise == "residual":
+        if metadata.get("noise_model"):
+            noise = NoiseModel.from_dict(metadata["noise_model"])
+        elif runtime.is_main:
+            reporter.notice(
+                f"{weights_path}: has no noise model (trained before it); no noise added"
+            )
     checkpoint_hash = sha256_file(weights_path)
-    settings = _settings(config, config.seed, checkpoint_hash, metadata["vqgan_hash"])
+    settings = _settings(config, config.seed, checkpoint_hash, metadata["vqgan_hash"], noise)
     manifest_path = out_dir / MANIFEST_NAME
     _check_existing_manifest(manifest_path, settings)
 
@@ -331,6 +349,10 @@ def sample_volumes(
                 else:
                     image = vqgan.decode(latent)
                 hu = unit_to_hu(image.float()[0, 0].cpu().numpy(), window)
+                if noise is not None:
+                    # its own stream per sample, so the noise does not depend on the batch
+                    rng = np.random.default_rng([config.seed, index, NOISE_STREAM])
+                    hu = add_noise(hu, noise, window, rng)
                 if cfg.previews:
                     preview = out_dir / PREVIEW_DIR / f"{sample_name(index)}.png"
                     write_preview(preview, hu, window, classes)

@@ -23,6 +23,7 @@ from bladdergen.checkpoint import WEIGHTS_NAME, save_weights
 from bladdergen.data.dataset import PreprocessedSet
 from bladdergen.diffusion.config import LDMConfig
 from bladdergen.diffusion.latents import LatentScaler, cached_latents
+from bladdergen.diffusion.noise import decoder_noise
 from bladdergen.diffusion.schedule import NoiseSchedule
 from bladdergen.diffusion.unet import build_denoiser
 from bladdergen.engine.run import RunFolder, RunKind, no_sync, scheduled_learning_rate
@@ -110,7 +111,7 @@ def train_ldm(
 
     ``vqgan_path``: a ``train-vqgan`` run folder or checkpoint. Writes into ``run_dir``:
     ``config.yaml``, ``model.safetensors`` (EMA weights used by ``sample``, with the latent scaler,
-    VQ-GAN hash, window and reference geometry in its metadata), ``training_state.pt``,
+    VQ-GAN hash, window, reference geometry and the decoder's missing noise in its metadata), ``training_state.pt``,
     ``metrics.jsonl``, ``curves.png`` and the latent cache. Raises InputError / CheckpointError
     for bad folders or mismatched checkpoints, TrainingDiverged when the loss becomes non-finite.
     """
@@ -139,6 +140,12 @@ def train_ldm(
             vqgan, vqgan_hash, dataset, cache_dir, device, run.reporter, cfg.mirror_x
         )
     scaler = LatentScaler.create(cfg.latent_scaling, latents, vqgan.codebook.embeddings.cpu())
+    # the noise the decoder leaves out, which ``sample`` puts back
+    try:
+        noise_model: dict[str, Any] | None = decoder_noise(vqgan, dataset, device).to_dict()
+    except ValueError as error:  # volumes too small or too flat to measure it
+        noise_model = None
+        run.reporter.notice(f"{data_dir}: no noise model for sample ({error})")
     del vqgan  # frozen encoder no longer needed: free its memory for the denoiser
     data = scaler.to_unit(latents)  # (N, D, x, y, z) in diffusion space
     latent_shape = tuple(data.shape[1:])
@@ -172,6 +179,7 @@ def train_ldm(
         "label_map": {str(k): int(v) for k, v in dataset.label_map.items()},
         # what a plausible generated label map measures like (the training labels' range)
         "anatomy_ranges": training_anatomy_ranges(dataset),
+        "noise_model": noise_model,
     }
 
     def write_weights() -> None:
