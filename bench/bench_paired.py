@@ -16,6 +16,10 @@ and the issue's goals beside the measured numbers. Writes ``bench_paired.json`` 
 run continues.
 
     OMP_NUM_THREADS=1 python bench/bench_paired.py --out /tmp/bench_paired --samples 200
+
+``--set KEY=VALUE`` overrides a tiny-profile setting, e.g. ``--set sample.noise=none``; to compare
+sampling settings on the same models, copy ``train``, ``test``, ``vqgan``, ``segmenter`` and
+``ldm`` of one run into a new ``--out`` (their stages are then reused).
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
+from bladdergen.checkpoint import read_metadata
 from bladdergen.config import load_config
 from bladdergen.fileio import atomic_write_json, atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gain import parse_sets  # noqa: E402  (the sibling script)
 
 
 def _timed(name: str, seconds: dict, fn):
@@ -38,7 +47,7 @@ def _timed(name: str, seconds: dict, fn):
     return result
 
 
-def run(out: Path, samples: int, seed: int) -> dict:
+def run(out: Path, samples: int, seed: int, sets: list[str] | None = None) -> dict:
     from bladdergen.data.phantom import generate_phantoms
     from bladdergen.data.preprocess_run import preprocess_folder
     from bladdergen.deepatlas.train import train_deepatlas
@@ -49,7 +58,7 @@ def run(out: Path, samples: int, seed: int) -> dict:
     from bladdergen.vqgan.reconstruct import reconstruct_set
     from bladdergen.vqgan.train import train_vqgan
 
-    config = load_config("tiny", overrides={"seed": seed})
+    config = load_config("tiny", overrides={"seed": seed, **parse_sets(sets or [])})
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     if not (out / "raw_test/images").is_dir():
@@ -117,7 +126,8 @@ def run(out: Path, samples: int, seed: int) -> dict:
     summary = json.loads((out / "evaluate_gen/gen_summary.json").read_text())
     w1_real = summary["appearance"]["histogram"].get("real_leave_one_out_wasserstein_hu")
     return {
-        "command": f"OMP_NUM_THREADS=1 python bench/bench_paired.py --out {out} --samples {samples}",
+        "command": f"OMP_NUM_THREADS=1 python bench/bench_paired.py --out {out} --samples {samples}"
+        + "".join(f" --set {item}" for item in sets or []),
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "samples": samples,
         "seconds": seconds,
@@ -126,6 +136,8 @@ def run(out: Path, samples: int, seed: int) -> dict:
         "sampling": {
             k: sampled[k] for k in ("complete", "labels", "plausible", "seconds_per_volume")
         },
+        "sample_noise": config.sample.noise,
+        "noise_model": read_metadata(out / "ldm/model.safetensors").get("noise_model"),
         "paired_labels": gen["paired_labels"],
         "hu_wasserstein": gen["hu_wasserstein"],
         "hu_wasserstein_real_to_real": w1_real,
@@ -164,6 +176,8 @@ def markdown(result: dict) -> str:
         [
             f"Command: `{result['command']}` ({result['machine']}); stage seconds: {result['seconds']}",
             "",
+            f"Sample noise: {result['sample_noise']}; the LDM's noise model: {result['noise_model']}",
+            "",
             *rows,
             "",
         ]
@@ -175,8 +189,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    result = run(args.out, args.samples, args.seed)
+    result = run(args.out, args.samples, args.seed, args.set)
     atomic_write_json(args.out / "bench_paired.json", result)
     atomic_write_text(args.out / "bench_paired.md", markdown(result))
     print(markdown(result))
