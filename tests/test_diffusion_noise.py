@@ -18,6 +18,7 @@ from bladdergen.diffusion.noise import (
     noise_field,
 )
 from bladdergen.diffusion.sample import sample_volumes
+from bladdergen.errors import CheckpointError
 from test_diffusion_fixtures import micro_config, one_torch_thread  # noqa: F401
 from test_sample import runs  # noqa: F401
 
@@ -117,3 +118,13 @@ def test_an_ldm_from_before_the_noise_model_samples_without_noise(runs, tmp_path
     sample_volumes(micro_config(**{"sample.noise": "none"}), runs[1], tmp_path / "plain", 1)
     name = "images/sample_00000.nii.gz"
     assert (tmp_path / "from_old" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
+def test_an_unreadable_noise_model_is_a_checkpoint_error(runs, tmp_path):  # noqa: F811
+    tensors, metadata = load_weights(runs[1] / "model.safetensors")
+    metadata["noise_model"] = {"sd_hu": 10.0, "sigma_voxels": [0.5, 0.5]}
+    broken = tmp_path / "broken" / "model.safetensors"
+    broken.parent.mkdir()
+    save_weights(broken, tensors, metadata)
+    with pytest.raises(CheckpointError, match="noise_model"):
+        sample_volumes(micro_config(), broken, tmp_path / "out", 1)

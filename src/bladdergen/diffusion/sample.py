@@ -272,7 +272,10 @@ def sample_volumes(
     noise = None
     if cfg.noise == "residual":
         if metadata.get("noise_model"):
-            noise = NoiseModel.from_dict(metadata["noise_model"])
+            try:
+                noise = NoiseModel.from_dict(metadata["noise_model"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(f"{weights_path}: unreadable noise_model ({error})") from None
         elif runtime.is_main:
             reporter.notice(
                 f"{weights_path}: has no noise model (trained before it); no noise added"
