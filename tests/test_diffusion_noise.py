@@ -18,7 +18,7 @@ from bladdergen.diffusion.noise import (
     noise_field,
 )
 from bladdergen.diffusion.sample import sample_volumes
-from bladdergen.errors import CheckpointError
+from bladdergen.errors import CheckpointError, InputError
 from test_diffusion_fixtures import micro_config, one_torch_thread  # noqa: F401
 from test_sample import runs  # noqa: F401
 
@@ -128,3 +128,15 @@ def test_an_unreadable_noise_model_is_a_checkpoint_error(runs, tmp_path):  # noq
     save_weights(broken, tensors, metadata)
     with pytest.raises(CheckpointError, match="noise_model"):
         sample_volumes(micro_config(), broken, tmp_path / "out", 1)
+
+
+def test_a_folder_sampled_before_the_noise_model_continues_only_without_noise(runs, tmp_path):  # noqa: F811
+    out = tmp_path / "old_folder"
+    plain = micro_config(**{"sample.noise": "none"})
+    sample_volumes(plain, runs[1], out, 1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["settings"]["noise"]  # as written before the setting existed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="noise"):
+        sample_volumes(micro_config(), runs[1], out, 2)
+    assert sample_volumes(plain, runs[1], out, 2)["complete"] == 2
