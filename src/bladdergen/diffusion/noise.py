@@ -158,10 +158,13 @@ def estimate_noise(
     same grid, clipped to ``window``. ValueError when no voxel is flat enough to measure."""
     sums = np.zeros(3)  # per axis: sum of neighbour products, and the two sums of squares
     squares_a, squares_b = np.zeros(3), np.zeros(3)
-    values: list[np.ndarray] = []
+    count, total, total_squares = 0, 0.0, 0.0  # of the flat voxels' residuals
     for real_hu, recon_hu in volumes:
         residual, flat = _measurable(real_hu, recon_hu, window)
-        values.append(residual[flat])
+        values = residual[flat]
+        count += values.size
+        total += float(values.sum())
+        total_squares += float(np.dot(values, values))
         for axis in range(3):
             n = residual.shape[axis]
             if n < 2:
@@ -172,18 +175,16 @@ def estimate_noise(
             sums[axis] += float(np.dot(a[both], b[both]))
             squares_a[axis] += float(np.dot(a[both], a[both]))
             squares_b[axis] += float(np.dot(b[both], b[both]))
-    measured = np.concatenate(values) if values else np.zeros(0)
-    if measured.size < 100:
-        raise ValueError(
-            f"only {measured.size} flat body voxels to measure the noise on; expected >= 100"
-        )
+    if count < 100:
+        raise ValueError(f"only {count} flat body voxels to measure the noise on; expected >= 100")
     norms = np.sqrt(squares_a * squares_b)
     rho = np.divide(sums, norms, out=np.zeros(3), where=norms > 0)
     sigma = sigma_for_correlations(rho)
     # the local mean taken off removed some of the noise's variance too: put it back
     kept, _ = detrended_statistics(sigma)
-    sd = float(measured.std() / np.sqrt(kept))
-    return NoiseModel(round(sd, 4), tuple(round(s, 4) for s in sigma), int(measured.size))  # type: ignore[arg-type]
+    variance = max(total_squares / count - (total / count) ** 2, 0.0)
+    sd = float(np.sqrt(variance / kept))
+    return NoiseModel(round(sd, 4), tuple(round(s, 4) for s in sigma), count)  # type: ignore[arg-type]
 
 
 def noise_field(
