@@ -23,6 +23,7 @@ from test_diffusion_fixtures import micro_config, one_torch_thread  # noqa: F401
 from test_sample import runs  # noqa: F401
 
 WINDOW = (-200.0, 300.0)
+NOISY = {"sample.noise": "residual"}
 
 
 def _lag1(field: np.ndarray, axis: int) -> float:
@@ -96,7 +97,7 @@ def test_train_ldm_records_the_noise_model_and_sample_adds_it(runs, tmp_path):  
     assert model.sd_hu > 0 and model.voxels >= 100
     plain, noisy = tmp_path / "plain", tmp_path / "noisy"
     sample_volumes(micro_config(**{"sample.noise": "none"}), runs[1], plain, 1)
-    sample_volumes(micro_config(), runs[1], noisy, 1)
+    sample_volumes(micro_config(**NOISY), runs[1], noisy, 1)
     manifest = json.loads((noisy / "manifest.json").read_text())
     assert manifest["settings"]["noise"] == model.to_dict()
     assert json.loads((plain / "manifest.json").read_text())["settings"]["noise"] is None
@@ -114,7 +115,7 @@ def test_an_ldm_from_before_the_noise_model_samples_without_noise(runs, tmp_path
     old = tmp_path / "old" / "model.safetensors"
     old.parent.mkdir()
     save_weights(old, tensors, metadata)
-    sample_volumes(micro_config(), old, tmp_path / "from_old", 1)
+    sample_volumes(micro_config(**NOISY), old, tmp_path / "from_old", 1)
     sample_volumes(micro_config(**{"sample.noise": "none"}), runs[1], tmp_path / "plain", 1)
     name = "images/sample_00000.nii.gz"
     assert (tmp_path / "from_old" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
@@ -127,7 +128,7 @@ def test_an_unreadable_noise_model_is_a_checkpoint_error(runs, tmp_path):  # noq
     broken.parent.mkdir()
     save_weights(broken, tensors, metadata)
     with pytest.raises(CheckpointError, match="noise_model"):
-        sample_volumes(micro_config(), broken, tmp_path / "out", 1)
+        sample_volumes(micro_config(**NOISY), broken, tmp_path / "out", 1)
 
 
 def test_a_folder_sampled_before_the_noise_model_continues_only_without_noise(runs, tmp_path):  # noqa: F811
@@ -138,5 +139,5 @@ def test_a_folder_sampled_before_the_noise_model_continues_only_without_noise(ru
     del manifest["settings"]["noise"]  # as written before the setting existed
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="noise"):
-        sample_volumes(micro_config(), runs[1], out, 2)
+        sample_volumes(micro_config(**NOISY), runs[1], out, 2)
     assert sample_volumes(plain, runs[1], out, 2)["complete"] == 2
