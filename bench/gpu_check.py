@@ -803,8 +803,8 @@ def _save_sampling_checkpoints(ctx: Context, root: Path) -> tuple[Path, Path]:
         "training_cases": 0,
         "label_map": {str(k): int(v) for k, v in ctx.config.preprocess.label_map.items()},
         "anatomy_ranges": {},  # no training set: every anatomy check is reported unranged
-        # a noise model as train-ldm measures one (the demo's phantoms), so the timing includes
-        # adding it; its cost depends on the volume's size, not on these values
+        # a noise model as train-ldm measures one (the demo's phantoms): with sample.noise
+        # residual the timing includes adding it, whose cost depends on the size, not the values
         "noise_model": {"sd_hu": 13.5, "sigma_voxels": [0.75, 0.71, 0.53], "voxels": 0},
         "step": 0,
     }
