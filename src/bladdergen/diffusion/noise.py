@@ -215,17 +215,17 @@ def add_noise(
 
 @torch.no_grad()
 def decoder_noise(
-    vqgan: LatentAutoencoder, dataset: PreprocessedSet, device: torch.device
+    vqgan: LatentAutoencoder, dataset: PreprocessedSet, latents: torch.Tensor, device: torch.device
 ) -> NoiseModel:
-    """The noise model of what ``vqgan`` (eval mode) leaves out of the set's volumes: each case
-    encoded, snapped to its nearest codes and decoded, as ``sample`` decodes a generated latent."""
+    """The noise model of what ``vqgan`` (eval mode) leaves out of the set's volumes: each case's
+    pre-quantisation latent (``latents``, (N, D, x, y, z) in case order, as ``train-ldm`` cached
+    them) snapped to its nearest codes and decoded, as ``sample`` decodes a generated latent."""
 
     def pairs():
         window = dataset.window
-        for case in dataset.cases:
-            unit = dataset.load_image(case)
-            codes, _ = vqgan.quantize(vqgan.encode(torch.from_numpy(unit)[None, None].to(device)))
+        for index, case in enumerate(dataset.cases):
+            codes, _ = vqgan.quantize(latents[index : index + 1].to(device))
             recon = vqgan.decode(codes).float()[0, 0].cpu().numpy()
-            yield unit_to_hu(unit, window), unit_to_hu(recon, window)
+            yield unit_to_hu(dataset.load_image(case), window), unit_to_hu(recon, window)
 
     return estimate_noise(pairs(), tuple(dataset.window))

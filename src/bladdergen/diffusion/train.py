@@ -111,8 +111,8 @@ def train_ldm(
 
     ``vqgan_path``: a ``train-vqgan`` run folder or checkpoint. Writes into ``run_dir``:
     ``config.yaml``, ``model.safetensors`` (EMA weights used by ``sample``, with the latent scaler,
-    VQ-GAN hash, window, reference geometry and the decoder's missing noise in its metadata), ``training_state.pt``,
-    ``metrics.jsonl``, ``curves.png`` and the latent cache. Raises InputError / CheckpointError
+    VQ-GAN hash, window, reference geometry and the decoder's missing noise in its metadata),
+    ``training_state.pt``, ``metrics.jsonl``, ``curves.png`` and the latent cache. Raises InputError / CheckpointError
     for bad folders or mismatched checkpoints, TrainingDiverged when the loss becomes non-finite.
     """
     from bladdergen.vqgan.load import load_vqgan  # the VQ-GAN stage is only needed here
@@ -140,9 +140,12 @@ def train_ldm(
             vqgan, vqgan_hash, dataset, cache_dir, device, run.reporter, cfg.mirror_x
         )
     scaler = LatentScaler.create(cfg.latent_scaling, latents, vqgan.codebook.embeddings.cpu())
-    # the noise the decoder leaves out, which ``sample`` puts back
+    # the noise the decoder leaves out, which ``sample`` can put back (from the cached latents:
+    # no second encoder pass; the first len(cases) rows are the unmirrored cases)
     try:
-        noise_model: dict[str, Any] | None = decoder_noise(vqgan, dataset, device).to_dict()
+        noise_model: dict[str, Any] | None = decoder_noise(
+            vqgan, dataset, latents, device
+        ).to_dict()
     except ValueError as error:  # volumes too small or too flat to measure it
         noise_model = None
         run.reporter.notice(f"{data_dir}: no noise model for sample ({error})")
