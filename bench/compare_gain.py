@@ -20,6 +20,16 @@ scans could add::
 
 Both outputs must score the same test cases (same ``--test-cases`` and data seed); the rows are
 matched by case id and a case missing from either side is left out of the difference.
+
+Each side may name several folders, whose runs are taken together: seeds trained in two
+invocations (``--seeds 0 1 2`` into one folder, ``--seeds 3 4 5`` into another) are read as one
+six-seed experiment::
+
+    python bench/compare_gain.py --reference /tmp/B4 /tmp/B4b --arm supervised \
+        --changed /tmp/S4n /tmp/B4b --changed-arm deepatlas+synthetic --labeled 4 --seeds 0 1 2 3 4 5
+
+A run found in two folders of one side must hold the same rows in both (a baseline copied by
+``--baselines`` does); two different results under one name stop the script.
 """
 
 from __future__ import annotations
@@ -35,8 +45,12 @@ import bench_gain  # noqa: E402  (the sibling script: same summary and table)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", type=Path, required=True, help="bench_gain.py --out")
-    parser.add_argument("--changed", type=Path, required=True, help="bench_gain.py --out")
+    parser.add_argument(
+        "--reference", type=Path, nargs="+", required=True, help="bench_gain.py --out folder(s)"
+    )
+    parser.add_argument(
+        "--changed", type=Path, nargs="+", required=True, help="bench_gain.py --out folder(s)"
+    )
     parser.add_argument("--arm", default="supervised", choices=bench_gain.ARMS)
     parser.add_argument(
         "--changed-arm", choices=bench_gain.ARMS, help="the arm of --changed (default: --arm)"
@@ -79,16 +93,35 @@ def paired_runs(
     return merged
 
 
+def merged_runs(folders: list[Path], name: str = "gain") -> dict:
+    """The runs of every folder's ``name``.json in one dict. ValueError (its message names the
+    file) when one is missing, or when two folders hold different rows under one run name."""
+    merged: dict = {}
+    found_in: dict = {}
+    for folder in folders:
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: not found (run bench_gain.py --out {folder} first)")
+        for key, rows in json.loads(path.read_text())["runs"].items():
+            if key in merged and merged[key] != rows:
+                raise ValueError(
+                    f"run {key} differs between {found_in[key]} and {path}: expected one result "
+                    "per run name on each side"
+                )
+            merged[key], found_in[key] = rows, path
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     name = "gain_all_components" if args.all_components else "gain"
     runs = []
-    for folder in (args.reference, args.changed):
-        path = folder / f"{name}.json"
-        if not path.is_file():
-            print(f"{path}: not found (run bench_gain.py --out {folder} first)", file=sys.stderr)
+    for folders in (args.reference, args.changed):
+        try:
+            runs.append(merged_runs(folders, name))
+        except ValueError as error:
+            print(error, file=sys.stderr)
             return 2
-        runs.append(json.loads(path.read_text())["runs"])
     changed_arm = args.changed_arm or args.arm
     counts = None
     if args.changed_labeled is not None:
@@ -101,19 +134,19 @@ def main(argv: list[str] | None = None) -> int:
         merged, ["supervised", "deepatlas"], args.labeled, args.seeds, args.bootstrap
     )
     at = f", {args.changed_labeled} labeled" if counts else ""
+    reference, changed = (
+        " + ".join(str(f) for f in side) for side in (args.reference, args.changed)
+    )
     labels = {
-        "supervised": f"{args.arm} ({args.reference})",
-        "deepatlas": f"{changed_arm} ({args.changed}{at})",
+        "supervised": f"{args.arm} ({reference})",
+        "deepatlas": f"{changed_arm} ({changed}{at})",
     }
     for entry in table:
         entry["arm"] = labels[entry["arm"]]
     lines = bench_gain.table_lines(table)
-    out = (
-        "\n".join(lines)
-        + f"\n\nΔ = {changed_arm} of {args.changed} − {args.arm} of {args.reference}.\n"
-    )
+    out = "\n".join(lines) + f"\n\nΔ = {changed_arm} of {changed} − {args.arm} of {reference}.\n"
     print(out)
-    (args.changed / f"compare_{name}.json").write_text(json.dumps(table, indent=1))
+    (args.changed[0] / f"compare_{name}.json").write_text(json.dumps(table, indent=1))
     return 0
 
 

@@ -170,3 +170,29 @@ def test_a_synthetic_folder_template_names_each_splits_own_pairs(bench_gain):
     assert bench_gain.synthetic_folder(template, 2, 1) == Path("/pairs/n2_s1/samples")
     assert bench_gain.synthetic_folder(Path("/pairs/one"), 4, 0) == Path("/pairs/one")
     assert bench_gain.synthetic_folder(None, 2, 0) is None
+
+
+def test_compare_gain_reads_several_folders_of_one_side_as_one_set_of_runs(compare, tmp_path):
+    first, second = tmp_path / "seeds012", tmp_path / "seeds345"
+    baseline = [_row("a", 0, None, False)]
+    for folder, runs in (
+        (first, {"4/0/supervised": baseline}),
+        # the baseline copied along (as --baselines does) and a new seed
+        (second, {"4/0/supervised": baseline, "4/3/supervised": [_row("b", 0, None, True)]}),
+    ):
+        folder.mkdir()
+        (folder / "gain.json").write_text(json.dumps({"runs": runs}))
+    merged = compare.merged_runs([first, second])
+    assert sorted(merged) == ["4/0/supervised", "4/3/supervised"]
+    assert merged["4/3/supervised"][0]["case_id"] == "b"
+
+
+def test_compare_gain_refuses_two_different_results_under_one_run_name(compare, tmp_path):
+    folders = [tmp_path / "x", tmp_path / "y"]
+    for folder, wall in zip(folders, (0.5, 0.6), strict=True):
+        folder.mkdir()
+        row = _row("a", 0, None, False)
+        row["wall_dice"] = wall
+        (folder / "gain.json").write_text(json.dumps({"runs": {"4/0/deepatlas": [row]}}))
+    with pytest.raises(ValueError, match="run 4/0/deepatlas differs"):
+        compare.merged_runs(folders)
