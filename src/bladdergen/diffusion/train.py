@@ -112,8 +112,9 @@ def train_ldm(
     ``vqgan_path``: a ``train-vqgan`` run folder or checkpoint. Writes into ``run_dir``:
     ``config.yaml``, ``model.safetensors`` (EMA weights used by ``sample``, with the latent scaler,
     VQ-GAN hash, window, reference geometry and the decoder's missing noise in its metadata),
-    ``training_state.pt``, ``metrics.jsonl``, ``curves.png`` and the latent cache. Raises InputError / CheckpointError
-    for bad folders or mismatched checkpoints, TrainingDiverged when the loss becomes non-finite.
+    ``training_state.pt``, ``metrics.jsonl``, ``curves.png`` and the latent cache. Raises
+    InputError / CheckpointError for bad folders or mismatched checkpoints, TrainingDiverged when
+    the loss becomes non-finite.
     """
     from bladdergen.vqgan.load import load_vqgan  # the VQ-GAN stage is only needed here
 
