@@ -72,7 +72,7 @@ _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 # steps (0 of 16), nor at 300 / 600, so the 15-minute demo spends its time on the two
 # segmentation arms instead (docs/benchmarks.md#demo): 300 VQ-GAN steps keep 50 with the
 # discriminators, 300 LDM steps run every stage of generation; `bench/bench_paired.py` measures
-# generation with the tiny budgets (400 / 4,800).
+# generation with the tiny budgets (400 / 2,400).
 DEMO_DEFAULTS = {"tiny": {"vqgan.max_steps": 300, "ldm.max_steps": 300}}
 
 
