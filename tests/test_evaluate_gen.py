@@ -161,6 +161,29 @@ def test_tumor_growing_from_the_inner_wall_into_the_lumen_is_plausible():
     assert plausibility(m, ranges)["plausible"]
 
 
+def test_a_second_tumor_away_from_the_bladder_fails_although_the_first_sits_on_the_wall():
+    classes = ring_classes(outer=8, inner=5)
+    classes[7:9, 10:13, 1:3] = 2  # on the inner wall, as in the plausible case above
+    classes[20:22, 0:2, 1] = 2  # a second piece in the corner, far from the wall
+    m = measure_anatomy(classes, (2.0, 2.0, 5.0))
+    # over all tumor voxels at once the first piece would carry both checks
+    assert m["tumor_touches_wall"] and m["tumor_touches_lumen"]
+    pieces = (m["tumor_pieces"], m["tumor_pieces_off_wall"], m["tumor_pieces_outside_bladder"])
+    assert pieces == (2, 1, 1)
+    checks = plausibility(m, real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2))
+    assert checks["tumor_on_wall"] is False and checks["tumor_in_bladder"] is False
+    assert not checks["plausible"]
+
+
+def test_a_tumor_speck_floating_in_the_urine_is_in_the_bladder_but_off_the_wall():
+    classes = ring_classes(outer=8, inner=5)
+    classes[11:13, 11:13, 1] = 2  # the ring's centre: urine all around, 3 voxels from the wall
+    m = measure_anatomy(classes, (2.0, 2.0, 5.0))
+    assert (m["tumor_pieces_off_wall"], m["tumor_pieces_outside_bladder"]) == (1, 0)
+    checks = plausibility(m, real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2))
+    assert checks["tumor_on_wall"] is False and checks["tumor_in_bladder"] is True
+
+
 def _ring_sector(classes: np.ndarray, low: float, high: float) -> np.ndarray:
     """Voxels at distance [low, high) from the ring's centre with x beyond it by 3 or more."""
     x, y = np.meshgrid(*[np.arange(n) for n in classes.shape[:2]], indexing="ij")
