@@ -7,11 +7,11 @@ its wall thickness and its volume lie within the range measured the same way on 
 touches the wall and lies in the bladder: it borders the lumen or sits within the wall, not only
 on the wall's outside (bladder tumors grow from the urothelium, the inner surface). Per piece,
 because a rule over all tumor voxels at once let a second tumor on the skin through whenever
-another one sat on the bladder wall (docs/benchmarks.md, "The LDM's training seed"). Wall and tumor are
-taken together as the bladder's tissue: a tumor often replaces the wall's whole thickness
-(transmural), so the outline of the wall alone is open there and the wall alone falls apart into
-pieces; measured that way, a third of the real phantoms' label maps failed. The check is only
-as good as the model: an under-trained model mislabels real and synthetic volumes alike.
+another one sat on the bladder wall (docs/benchmarks.md, "The LDM's training seed"). Wall and
+tumor are taken together as the bladder's tissue: a tumor often replaces the wall's whole
+thickness (transmural), so the outline of the wall alone is open there and the wall alone falls
+apart into pieces; measured that way, a third of the real phantoms' label maps failed. The check
+is only as good as the model: an under-trained model mislabels real and synthetic volumes alike.
 """
 
 from __future__ import annotations
