@@ -157,8 +157,8 @@ def measure_anatomy(classes: np.ndarray, spacing: tuple[float, float, float]) ->
         result["tumor_touches_outside"] = True
         pieces, n_pieces = ndimage.label(tumor, structure=neighbours)
         result["tumor_pieces"] = n_pieces
-        on_wall = np.unique(pieces[near_wall & tumor])
-        result["tumor_pieces_off_wall"] = n_pieces - int((on_wall > 0).sum())
+        on_wall = np.unique(pieces[tumor & near_wall])  # labels of the pieces touching the wall
+        result["tumor_pieces_off_wall"] = n_pieces - len(on_wall)
         result["tumor_pieces_outside_bladder"] = n_pieces  # replaced below when there is a wall
     if not wall.any():
         return result
