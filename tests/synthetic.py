@@ -88,3 +88,13 @@ def make_preprocessed_set(
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
+
+
+def ring_classes(shape=(24, 24, 4), outer=8, inner=5) -> np.ndarray:
+    """A bladder wall as a ring (distance inner..outer voxels from the centre) on every slice."""
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    r = np.sqrt((x - 11.5) ** 2 + (y - 11.5) ** 2)
+    ring = (r < outer) & (r >= inner)
+    classes = np.zeros(shape, np.uint8)
+    classes[ring] = 1
+    return classes

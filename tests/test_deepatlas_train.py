@@ -25,6 +25,7 @@ from bladdergen.deepatlas.train import (
 )
 from bladdergen.errors import CheckpointError, ConfigError, InputError
 from bladdergen.progress import Reporter, Task
+from synthetic import ring_classes
 
 # Tiny networks and a short schedule: reg pretrain 2, seg pretrain 2, cycles of 2 reg + 2 seg.
 TINY_NETS = {
@@ -687,3 +688,17 @@ def test_from_baseline_refuses_a_supervised_only_run(tiny_dataset, tmp_path):
             cfg, tiny_dataset, tmp_path / "b", supervised_only=True, from_baseline=tmp_path / "a"
         )
     assert not (tmp_path / "b").exists()
+
+
+def test_the_synthetic_filter_judges_the_tumor_as_a_whole_not_per_piece():
+    from bladdergen.deepatlas.train import passes_synthetic_filter, synthetic_filter_ranges
+
+    spacing = (2.0, 2.0, 5.0)
+    ranges = synthetic_filter_ranges([ring_classes()], spacing)
+    two_tumors = ring_classes()
+    two_tumors[7:9, 10:13, 1:3] = 2  # on the inner wall
+    two_tumors[20:22, 0:2, 1] = 2  # a speck far from the bladder, as F_S's strays are
+    assert passes_synthetic_filter(two_tumors, spacing, ranges)
+    speck_only = ring_classes()
+    speck_only[20:22, 0:2, 1] = 2
+    assert not passes_synthetic_filter(speck_only, spacing, ranges)

@@ -17,7 +17,7 @@ from bladdergen.evaluate.appearance import feature_distances
 from bladdergen.evaluate.config import EvaluateConfig
 from bladdergen.evaluate.gen import evaluate_generation
 from bladdergen.evaluate.similarity import adjacent_slice_similarity, ms_ssim
-from synthetic import WINDOW, make_case, make_preprocessed_set
+from synthetic import WINDOW, make_case, make_preprocessed_set, ring_classes
 
 SPACING = (3.0, 3.0, 4.0)
 CONFIG = EvaluateConfig(compare_size=None, max_pairs=20, montage_cases=2)
@@ -35,16 +35,6 @@ def write_hu_folder(folder: Path, seed: int, n: int = 4, shape=(32, 32, 8)) -> P
             nib.Nifti1Image(np.round(hu).astype(np.int16), affine), folder / f"s{index}.nii.gz"
         )
     return folder
-
-
-def ring_classes(shape=(24, 24, 4), outer=8, inner=5) -> np.ndarray:
-    """A bladder wall as a ring (distance inner..outer voxels from the centre) on every slice."""
-    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    r = np.sqrt((x - 11.5) ** 2 + (y - 11.5) ** 2)
-    ring = (r < outer) & (r >= inner)
-    classes = np.zeros(shape, np.uint8)
-    classes[ring] = 1
-    return classes
 
 
 def test_identical_sets_have_zero_distribution_distances_and_are_flagged_as_copies(tmp_path):
@@ -171,6 +161,25 @@ def test_a_second_tumor_away_from_the_bladder_fails_although_the_first_sits_on_t
     pieces = (m["tumor_pieces"], m["tumor_pieces_off_wall"], m["tumor_pieces_outside_bladder"])
     assert pieces == (2, 1, 1)
     checks = plausibility(m, real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2))
+    assert checks["tumor_on_wall"] is False and checks["tumor_in_bladder"] is False
+    assert not checks["plausible"]
+
+
+def test_judged_as_a_whole_a_second_distant_tumor_rides_on_the_first():
+    classes = ring_classes(outer=8, inner=5)
+    classes[7:9, 10:13, 1:3] = 2  # on the inner wall
+    classes[20:22, 0:2, 1] = 2  # a second piece in the corner, far from the wall
+    ranges = real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2)
+    checks = plausibility(measure_anatomy(classes, (2.0, 2.0, 5.0)), ranges, tumor_per_piece=False)
+    assert checks["tumor_on_wall"] is True and checks["tumor_in_bladder"] is True
+    assert checks["plausible"]
+
+
+def test_judged_as_a_whole_a_tumor_only_off_the_wall_still_fails():
+    classes = ring_classes(outer=8, inner=5)
+    classes[20:22, 0:2, 1] = 2  # the only tumor, in the corner
+    ranges = real_ranges([measure_anatomy(ring_classes(), (2.0, 2.0, 5.0))], 0.2)
+    checks = plausibility(measure_anatomy(classes, (2.0, 2.0, 5.0)), ranges, tumor_per_piece=False)
     assert checks["tumor_on_wall"] is False and checks["tumor_in_bladder"] is False
     assert not checks["plausible"]
 

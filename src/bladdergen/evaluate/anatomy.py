@@ -241,19 +241,33 @@ def real_ranges(
     return ranges
 
 
-def plausibility(measurement: dict[str, Any], ranges: dict[str, list[float]]) -> dict[str, Any]:
+def plausibility(
+    measurement: dict[str, Any], ranges: dict[str, list[float]], tumor_per_piece: bool = True
+) -> dict[str, Any]:
     """The individual checks and their conjunction ``plausible`` for one measured volume.
 
     The tumor checks are ``None`` (n/a, not a pass) when no tumor is predicted; ``plausible`` is
-    the conjunction of the checks that apply.
+    the conjunction of the checks that apply. ``tumor_per_piece`` False judges the tumor voxels
+    as a whole instead: some touch the wall, and some border the lumen or none touches the
+    outside of the bladder. DeepAtlas's synthetic filter uses that, because its segmenter's own
+    stray tumor specks fail the per-piece rule on real scans too and the filter measured worse
+    with it (docs/benchmarks.md, "The synthetic filter under the per-piece check").
     """
     no_tumor = measurement["tumor_voxels"] == 0
+    if tumor_per_piece:
+        on_wall = measurement["tumor_pieces_off_wall"] == 0
+        in_bladder = measurement["tumor_pieces_outside_bladder"] == 0
+    else:
+        on_wall = bool(measurement["tumor_touches_wall"])
+        in_bladder = bool(
+            measurement["tumor_touches_lumen"] or not measurement["tumor_touches_outside"]
+        )
     checks = {
         "has_wall": measurement["wall_voxels"] > 0,
         "one_connected_wall": measurement["wall_main_component"] >= MIN_MAIN_COMPONENT,
         "encloses_lumen": measurement["lumen_ml"] > 0,
-        "tumor_on_wall": None if no_tumor else measurement["tumor_pieces_off_wall"] == 0,
-        "tumor_in_bladder": None if no_tumor else measurement["tumor_pieces_outside_bladder"] == 0,
+        "tumor_on_wall": None if no_tumor else on_wall,
+        "tumor_in_bladder": None if no_tumor else in_bladder,
     }
     for key, check in (
         ("wall_thickness_mm", "thickness_in_range"),
