@@ -79,7 +79,8 @@ class DeepAtlasConfig:
     moves each registration-augmented pair (warped image and warped label) by its own random
     transform after the warp, so those pairs vary in pose and intensity as the baseline's do.
     ``synthetic_filter``: after pre-training, synthetic volumes whose F_S segmentation fails the
-    anatomy plausibility check (:mod:`bladdergen.evaluate.anatomy`) leave the pool.
+    anatomy plausibility check (:func:`bladdergen.deepatlas.train.passes_synthetic_filter`: the
+    tumor judged as a whole, not per piece) leave the pool.
     ``synthetic_pairs`` (off by default): a ``--synthetic`` sample whose generated label map passed
     ``sample``'s anatomy checks is a labeled case (also for ``--supervised-only``: the "supervised +
     synthetic pairs" arm); samples without a (plausible) label stay unlabeled images. In supervised
