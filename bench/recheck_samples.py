@@ -3,7 +3,7 @@
 ``train-deepatlas --synthetic-pairs`` takes a sample as a CT + label pair when its
 ``checks/<name>.json`` says plausible. A folder sampled before a change of the check carries the
 old flags; this copies it to OUT and re-judges every label map the way ``sample`` does now
-(``measure_anatomy`` + ``plausibility`` against the ranges of the LDM's training labels, given as
+(``diffusion.sample.label_checks`` against the ranges of the LDM's training labels, given as
 the preprocessed set ``--train``), so both flag sets can be trained on and compared:
 
     python bench/recheck_samples.py /tmp/bpn0/samples /tmp/s9/bpn0pp --train /tmp/bpn0/train
@@ -23,8 +23,8 @@ import numpy as np
 def main() -> None:
     from bladdergen.data.dataset import DATASET_LABEL_MAP, PreprocessedSet
     from bladdergen.data.preprocess import label_values_to_classes
+    from bladdergen.diffusion.sample import label_checks
     from bladdergen.diffusion.train import training_anatomy_ranges
-    from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("samples", type=Path, help="a sample output folder with labels/")
@@ -39,17 +39,13 @@ def main() -> None:
     for label in sorted((args.out / "labels").glob("*.nii.gz")):
         image = nib.load(label)
         classes = label_values_to_classes(np.asarray(image.dataobj), DATASET_LABEL_MAP, label)
-        measurement = measure_anatomy(
-            classes, tuple(float(v) for v in image.header.get_zooms()[:3])
-        )
         checks_path = args.out / "checks" / f"{label.name.removesuffix('.nii.gz')}.json"
         if checks_path.is_file():
             before += bool(
                 json.loads(checks_path.read_text(encoding="utf-8"))["checks"]["plausible"]
             )
-        checks = plausibility(measurement, ranges)
-        after += bool(checks["plausible"])
-        record = {"measurement": measurement, "checks": checks}
+        record = label_checks(classes, image.affine, ranges)  # what `sample` writes today
+        after += bool(record["checks"]["plausible"])
         checks_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(json.dumps({"plausible_before": before, "plausible_now": after, "ranges": ranges}))
 

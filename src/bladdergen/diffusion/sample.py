@@ -139,10 +139,11 @@ def _sample_entries(
     return kept, rejected
 
 
-def _label_checks(
+def label_checks(
     classes: np.ndarray, affine: np.ndarray, ranges: dict[str, list[float]]
 ) -> dict[str, Any]:
-    """Anatomy measurements of a generated label map (X, Y, Z) and their plausibility checks."""
+    """Anatomy measurements of a generated label map (X, Y, Z) and their plausibility checks: the
+    record ``sample`` writes to ``checks/<name>.json``."""
     from bladdergen.evaluate.anatomy import measure_anatomy, plausibility
 
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
@@ -343,7 +344,7 @@ def sample_volumes(
                 if paired:
                     image, decoded = vqgan.decode_pair(latent)
                     classes = decoded[0].cpu().numpy()
-                    anatomy = _label_checks(classes, affine, ranges)
+                    anatomy = label_checks(classes, affine, ranges)
                     atomic_write_json(layout.checks(out_dir, index), anatomy)
                     if cfg.keep == "plausible" and not anatomy["checks"]["plausible"]:
                         continue  # rejected: its checks are recorded, its files not written
