@@ -40,11 +40,17 @@ full 4-labeled runs took 667-726 s); its job waits for that run. Budget override
 ``--set key=value`` (e.g. ``--set deepatlas.max_steps=700``). An ablation of a setting only
 DeepAtlas uses (``anatomy_weight``, ``reg_augment_weight``, ...) reuses an earlier output's
 baselines, data and subsets with ``--baselines EARLIER_OUT`` and trains only the deepatlas arm.
+With another ``--unlabeled`` than the earlier output's, the phantoms are made again in OUT (the
+unlabeled ones are the pool's last cases, so the first ones are the same phantoms) and the run
+stops unless its labeled cases and test set equal the earlier output's file for file: the
+supervised rows and hand-offs stay valid, and the deepatlas arm sees more (or fewer) unlabeled
+scans.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -375,6 +381,43 @@ def table_lines(table: list[dict]) -> list[str]:
     return lines
 
 
+def unlabeled_count(pool: Path) -> int:
+    """How many cases of a preprocessed pool carry no label."""
+    manifest = json.loads((pool / "manifest.json").read_text())
+    return sum(1 for case in manifest["cases"] if not case.get("label"))
+
+
+def require_same_cases(ours: Path, theirs: Path, labeled_only: bool) -> None:
+    """SystemExit unless two preprocessed folders hold the same (labeled) cases: the same
+    voxels and affines of every image and label, not just the names (phantoms are made again
+    per output; gzip headers carry a time, so the arrays are compared, not the file bytes)."""
+    import nibabel as nib
+
+    def digest(path: Path) -> str:
+        volume = nib.load(path)
+        arrays = np.asarray(volume.dataobj).tobytes() + np.asarray(volume.affine).tobytes()
+        return hashlib.sha256(arrays).hexdigest()
+
+    def fingerprint(folder: Path) -> dict:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        found = {}
+        for case in manifest["cases"]:
+            if labeled_only and not case.get("label"):
+                continue
+            files = [case["image"]] + ([case["label"]] if case.get("label") else [])
+            found[case["case_id"]] = [digest(folder / f) for f in files]
+        return found
+
+    mine, other = fingerprint(ours), fingerprint(theirs)
+    if mine != other:
+        differing = sorted(set(mine) ^ set(other)) or sorted(k for k in mine if mine[k] != other[k])
+        raise SystemExit(
+            f"--baselines: {ours} and {theirs} differ in case(s) {', '.join(differing[:5])}; "
+            "expected the same labeled cases and test set (pass the baselines' --labeled, "
+            "--val-cases, --test-cases, --phantom-size and --data-seed)"
+        )
+
+
 def take_baselines(other: Path, labeled: list[int], seeds: list[int]) -> dict:
     """The supervised arm's scored runs of another bench_gain OUT (``--baselines``), every one
     this invocation needs, or SystemExit naming the first missing."""
@@ -484,11 +527,20 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.profile, overrides=overrides(args))
     # with --baselines the data, subsets and supervised runs are the other folder's
     source = args.baselines or args.out
+    source_sets = source  # where the subsets live: the baselines' own unless the data differ
     if args.baselines is not None:
         results |= take_baselines(args.baselines, args.labeled, args.seeds)
         arms = list(dict.fromkeys(["supervised", *arms]))
         data_args = argparse.Namespace(**{**vars(args), "out": args.baselines})
         pool, test = make_data(data_args, base)
+        if args.unlabeled != unlabeled_count(pool):
+            # another number of unlabeled scans than the baselines': this output's own data and
+            # subsets, whose labeled cases and test set must be the baselines' (the supervised
+            # rows stay paired with the new arms case by case)
+            own_pool, own_test = make_data(args, base)
+            require_same_cases(own_pool, pool, labeled_only=True)
+            require_same_cases(own_test, test, labeled_only=False)
+            pool, test, source_sets = own_pool, own_test, args.out
     else:
         pool, test = make_data(args, base)
     # DeepAtlas's supervised pre-training is the baseline's first updates (paired by design): the
@@ -497,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for seed in args.seeds:
         for n in args.labeled:
-            data = subset(pool, source / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
+            data = subset(pool, source_sets / "sets" / f"n{n}_s{seed}", n, args.val_cases, seed)
             synthetic = synthetic_folder(args.synthetic, n, seed)
             # so does deepatlas+synthetic when its synthetic volumes are unlabeled images only
             # (with synthetic CT + label pairs among its labeled cases its pre-training is its own)
