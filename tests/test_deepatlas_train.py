@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -628,6 +630,41 @@ def test_from_baseline_refuses_a_baseline_of_other_settings(tiny_dataset, tmp_pa
     with pytest.raises(InputError, match="seed 0.*1"):
         train_deepatlas(cfg, tiny_dataset, tmp_path / "da", seed=1, from_baseline=tmp_path / "sup")
     assert not (tmp_path / "da" / "training_state.pt").exists()
+
+
+def _copy_of_set(source: Path, target: Path, extra_unlabeled: bool) -> Path:
+    """``source`` copied to ``target``, with one more unlabeled scan (a copy of its first
+    image) when ``extra_unlabeled``."""
+    shutil.copytree(source, target)
+    if extra_unlabeled:
+        manifest = json.loads((target / "manifest.json").read_text())
+        first = manifest["cases"][0]
+        shutil.copyfile(target / first["image"], target / "images" / "extra.nii.gz")
+        extra = {**first, "case_id": "extra", "image": "images/extra.nii.gz", "label": None}
+        manifest["cases"].append(extra)
+        (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_from_baseline_takes_a_folder_with_more_unlabeled_scans_but_the_same_labeled_ones(
+    tiny_dataset, tmp_path
+):
+    cfg = tiny_config(**{"deepatlas.max_steps": 8, "deepatlas.val_every": 2}).deepatlas
+    train_deepatlas(cfg, tiny_dataset, tmp_path / "sup", supervised_only=True)
+    more = _copy_of_set(tiny_dataset, tmp_path / "more", extra_unlabeled=True)
+    summary = train_deepatlas(cfg, more, tmp_path / "da", from_baseline=tmp_path / "sup")
+    assert summary["steps"] == 8
+    # one label voxel changed in a copy: its pre-training would differ, so the hand-off is refused
+    changed = _copy_of_set(tiny_dataset, tmp_path / "changed", extra_unlabeled=False)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    case = next(c for c in manifest["cases"] if c.get("label"))
+    label_path = changed / case["label"]
+    label = nib.load(label_path)
+    voxels = np.asarray(label.dataobj).copy()
+    voxels[0, 0, 0] = 255 if voxels[0, 0, 0] != 255 else 0
+    nib.save(nib.Nifti1Image(voxels, label.affine, label.header), label_path)
+    with pytest.raises(InputError, match=rf"case {case['case_id']}'s label differs"):
+        train_deepatlas(cfg, changed, tmp_path / "da2", from_baseline=tmp_path / "sup")
 
 
 def test_synthetic_pair_settings_are_compared_only_when_a_run_has_synthetic_pairs(tmp_path):
