@@ -42,7 +42,7 @@ DeepAtlas uses (``anatomy_weight``, ``reg_augment_weight``, ...) reuses an earli
 baselines, data and subsets with ``--baselines EARLIER_OUT`` and trains only the deepatlas arm.
 With another ``--unlabeled`` than the earlier output's, the phantoms are made again in OUT (the
 unlabeled ones are the pool's last cases, so the first ones are the same phantoms) and the run
-stops unless its labeled cases and test set equal the earlier output's file for file: the
+stops unless its labeled cases and test set equal the earlier output's voxel for voxel: the
 supervised rows and hand-offs stay valid, and the deepatlas arm sees more (or fewer) unlabeled
 scans.
 """
@@ -391,11 +391,11 @@ def require_same_cases(ours: Path, theirs: Path, labeled_only: bool) -> None:
     """SystemExit unless two preprocessed folders hold the same (labeled) cases: the same
     voxels and affines of every image and label, not just the names (phantoms are made again
     per output; gzip headers carry a time, so the arrays are compared, not the file bytes)."""
-    import nibabel as nib
+    from bladdergen.data.volumes import nifti_array, open_nifti
 
     def digest(path: Path) -> str:
-        volume = nib.load(path)
-        arrays = np.asarray(volume.dataobj).tobytes() + np.asarray(volume.affine).tobytes()
+        volume = open_nifti(path)
+        arrays = nifti_array(volume, path).tobytes() + np.asarray(volume.affine).tobytes()
         return hashlib.sha256(arrays).hexdigest()
 
     def fingerprint(folder: Path) -> dict:
