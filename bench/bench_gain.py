@@ -50,7 +50,6 @@ scans.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -388,33 +387,24 @@ def unlabeled_count(pool: Path) -> int:
 
 
 def require_same_cases(ours: Path, theirs: Path, labeled_only: bool) -> None:
-    """SystemExit unless two preprocessed folders hold the same (labeled) cases: the same
-    voxels and affines of every image and label, not just the names (phantoms are made again
-    per output; gzip headers carry a time, so the arrays are compared, not the file bytes)."""
-    from bladdergen.data.volumes import nifti_array, open_nifti
+    """SystemExit unless two preprocessed folders hold the same (labeled) cases, voxel for
+    voxel (phantoms are made again per output, so the names alone prove nothing)."""
+    from bladdergen.data.dataset import PreprocessedSet, first_differing_case
 
-    def digest(path: Path) -> str:
-        volume = open_nifti(path)
-        arrays = nifti_array(volume, path).tobytes() + np.asarray(volume.affine).tobytes()
-        return hashlib.sha256(arrays).hexdigest()
-
-    def fingerprint(folder: Path) -> dict:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        found = {}
-        for case in manifest["cases"]:
-            if labeled_only and not case.get("label"):
-                continue
-            files = [case["image"]] + ([case["label"]] if case.get("label") else [])
-            found[case["case_id"]] = [digest(folder / f) for f in files]
-        return found
-
-    mine, other = fingerprint(ours), fingerprint(theirs)
-    if mine != other:
-        differing = sorted(set(mine) ^ set(other)) or sorted(k for k in mine if mine[k] != other[k])
+    ids = sorted(
+        {
+            case.case_id
+            for folder in (ours, theirs)
+            for case in PreprocessedSet.open(folder, check_voxels=False).cases
+            if case.labeled or not labeled_only
+        }
+    )
+    differing = first_differing_case(theirs, ours, ids)
+    if differing is not None:
         raise SystemExit(
-            f"--baselines: {ours} and {theirs} differ in case(s) {', '.join(differing[:5])}; "
-            "expected the same labeled cases and test set (pass the baselines' --labeled, "
-            "--val-cases, --test-cases, --phantom-size and --data-seed)"
+            f"--baselines: {ours} and {theirs} differ: {differing}; expected the same labeled "
+            "cases and test set (pass the baselines' --labeled, --val-cases, --test-cases, "
+            "--phantom-size and --data-seed)"
         )
 
 

@@ -198,44 +198,24 @@ def test_compare_gain_refuses_two_different_results_under_one_run_name(compare, 
         compare.merged_runs(folders)
 
 
-def _preprocessed(folder: Path, cases: dict) -> Path:
-    """A preprocessed-style folder: {case_id: (image array, label array or None)}."""
+def test_more_unlabeled_scans_keep_the_baselines_labeled_cases_or_stop(bench_gain, tmp_path):
     import nibabel as nib
     import numpy as np
 
-    entries = []
-    for case_id, (image, label) in cases.items():
-        entry = {"case_id": case_id, "image": f"images/{case_id}.nii.gz", "label": None}
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), folder / entry["image"])
-        if label is not None:
-            entry["label"] = f"labels/{case_id}.nii.gz"
-            (folder / "labels").mkdir(exist_ok=True)
-            nib.save(nib.Nifti1Image(label, np.eye(4)), folder / entry["label"])
-        entries.append(entry)
-    (folder / "manifest.json").write_text(json.dumps({"cases": entries}))
-    return folder
+    from synthetic import make_preprocessed_set
 
-
-def test_more_unlabeled_scans_keep_the_baselines_labeled_cases_or_stop(bench_gain, tmp_path):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    image = rng.random((4, 4, 3), dtype=np.float32)
-    label = (rng.random((4, 4, 3)) > 0.5).astype(np.uint8) * 255
-    other_scan = rng.random((4, 4, 3), dtype=np.float32)
-    theirs = _preprocessed(tmp_path / "theirs", {"a": (image, label), "u1": (other_scan, None)})
-    # the same labeled case written again in another folder, two unlabeled scans instead of one
-    ours = _preprocessed(
-        tmp_path / "ours", {"a": (image, label), "u1": (other_scan, None), "u2": (image, None)}
-    )
+    # the same seed draws the same first cases: one more unlabeled scan at the end
+    theirs = make_preprocessed_set(tmp_path / "theirs", n_cases=5, n_labeled=4, seed=0)
+    ours = make_preprocessed_set(tmp_path / "ours", n_cases=6, n_labeled=4, seed=0)
     assert bench_gain.unlabeled_count(theirs) == 1
     assert bench_gain.unlabeled_count(ours) == 2
     bench_gain.require_same_cases(ours, theirs, labeled_only=True)
-    with pytest.raises(SystemExit, match="case.s. u2"):
+    with pytest.raises(SystemExit, match="case case_005 is not in both"):
         bench_gain.require_same_cases(ours, theirs, labeled_only=False)
-    changed = label.copy()
-    changed[0, 0, 0] = 128 if changed[0, 0, 0] != 128 else 0
-    moved = _preprocessed(tmp_path / "moved", {"a": (image, changed)})
-    with pytest.raises(SystemExit, match="case.s. a;"):
+    moved = make_preprocessed_set(tmp_path / "moved", n_cases=5, n_labeled=4, seed=0)
+    label = nib.load(moved / "labels" / "case_000.nii.gz")
+    voxels = np.asarray(label.dataobj).copy()
+    voxels[0, 0, 0] = 2 if voxels[0, 0, 0] != 2 else 0
+    nib.save(nib.Nifti1Image(voxels, label.affine), moved / "labels" / "case_000.nii.gz")
+    with pytest.raises(SystemExit, match="case case_000's label differs"):
         bench_gain.require_same_cases(moved, theirs, labeled_only=True)

@@ -256,6 +256,34 @@ def preprocess_config_from_mapping(settings: Any, where: Path | str) -> Preproce
     return from_mapping(PreprocessConfig, settings, str(where))
 
 
+def first_differing_case(theirs: Path, ours: Path | str, ids: list[str]) -> str | None:
+    """None when the two preprocessed folders hold the same HU window, label convention and
+    voxels (images and labels, with their affines) for every case of ``ids``; else what differs."""
+    if not (theirs / "manifest.json").is_file():
+        return f"{theirs} is no longer a preprocessed set to compare with"
+    sets = [PreprocessedSet.open(folder, check_voxels=False) for folder in (theirs, Path(ours))]
+    if (sets[0].window, sets[0].label_map) != (sets[1].window, sets[1].label_map):
+        return "their HU windows or label conventions differ"
+    cases = [{case.case_id: case for case in folder.cases} for folder in sets]
+    for case_id in ids:
+        if case_id not in cases[0] or case_id not in cases[1]:
+            return f"case {case_id} is not in both"
+        pair = [cases[0][case_id], cases[1][case_id]]
+        for kind in ("image_path", "label_path"):
+            files = [getattr(case, kind) for case in pair]
+            if None in files:
+                if files != [None, None]:
+                    return f"case {case_id} is labeled in only one"
+                continue
+            volumes = [open_nifti(file) for file in files]
+            same = np.array_equal(volumes[0].affine, volumes[1].affine) and np.array_equal(
+                nifti_array(volumes[0], files[0]), nifti_array(volumes[1], files[1])
+            )
+            if not same:
+                return f"case {case_id}'s {kind.split('_')[0]} differs ({files[0]} vs {files[1]})"
+    return None
+
+
 def is_preprocessed_set(folder: Path) -> bool:
     """True when ``folder`` holds a ``bladdergen preprocess`` manifest (not, e.g., a sample set's)."""
     try:

@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bladdergen import checkpoint as ckpt
+from bladdergen.data.dataset import first_differing_case
 from bladdergen.engine.run import METRICS_NAME, unwrap
 from bladdergen.errors import CheckpointError, InputError
 
@@ -77,37 +77,6 @@ def handoff_identity(
             }
         )
     )
-
-
-def _first_differing_case(theirs: Path, ours: Path | str, ids: list[str]) -> str | None:
-    """None when the two preprocessed folders hold the same HU window, label convention and
-    voxels (images and labels, with their affines) for every case of ``ids``; else what differs."""
-    from bladdergen.data.dataset import PreprocessedSet
-    from bladdergen.data.volumes import nifti_array, open_nifti
-
-    if not (theirs / "manifest.json").is_file():
-        return f"{theirs} is no longer a preprocessed set to compare with"
-    sets = [PreprocessedSet.open(folder, check_voxels=False) for folder in (theirs, Path(ours))]
-    if (sets[0].window, sets[0].label_map) != (sets[1].window, sets[1].label_map):
-        return "their HU windows or label conventions differ"
-    cases = [{case.case_id: case for case in folder.cases} for folder in sets]
-    for case_id in ids:
-        if case_id not in cases[0] or case_id not in cases[1]:
-            return f"case {case_id} is not in both"
-        pair = [cases[0][case_id], cases[1][case_id]]
-        for kind in ("image_path", "label_path"):
-            files = [getattr(case, kind) for case in pair]
-            if None in files:
-                if files != [None, None]:
-                    return f"case {case_id} is labeled in only one"
-                continue
-            volumes = [open_nifti(file) for file in files]
-            same = np.array_equal(volumes[0].affine, volumes[1].affine) and np.array_equal(
-                nifti_array(volumes[0], files[0]), nifti_array(volumes[1], files[1])
-            )
-            if not same:
-                return f"case {case_id}'s {kind.split('_')[0]} differs ({files[0]} vs {files[1]})"
-    return None
 
 
 def write_handoff(
@@ -171,7 +140,7 @@ def read_handoff(baseline_dir: Path, identity: dict[str, Any]) -> dict[str, Any]
         # cases are: the supervised updates read nothing else (e.g. a folder with more
         # unlabeled scans beside the same labeled ones).
         ids = identity["labeled"] + identity["validation"]
-        differing = _first_differing_case(Path(str(recorded.get("data"))), identity["data"], ids)
+        differing = first_differing_case(Path(str(recorded.get("data"))), identity["data"], ids)
         if differing is not None:
             raise InputError(
                 f"{path}: the baseline ran with data {recorded.get('data')!r}, this run has "
