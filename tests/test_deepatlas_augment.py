@@ -7,7 +7,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from bladdergen.deepatlas.augment import AugmentRanges, augment_labeled
+from bladdergen.deepatlas.augment import (
+    AugmentRanges,
+    augment_labeled,
+    dilate_in_plane,
+    with_target_context,
+)
 
 WALL_VALUE, TUMOR_VALUE = 0.3, 0.7
 
@@ -82,3 +87,26 @@ def test_out_of_range_augmentation_settings_are_refused(key, value):
 
     with pytest.raises(ConfigError, match=key):
         DeepAtlasConfig(**{key: value}).validate()
+
+
+def test_dilation_grows_masks_in_plane_only():
+    mask = torch.zeros(1, 9, 9, 5, dtype=torch.bool)
+    mask[0, 4, 4, 2] = True
+    grown = dilate_in_plane(mask, 2)
+    expected = torch.zeros_like(mask)
+    expected[0, 2:7, 2:7, 2] = True  # a 5x5 square in slice 2, nothing in the other slices
+    assert torch.equal(grown, expected)
+
+
+def test_target_context_replaces_the_image_away_from_both_bladders():
+    warped = torch.ones(1, 1, 20, 20, 3)
+    target = torch.zeros(1, 1, 20, 20, 3)
+    warped_bladder = torch.zeros(1, 20, 20, 3, dtype=torch.bool)
+    target_bladder = torch.zeros_like(warped_bladder)
+    warped_bladder[0, 3:6, 3:6, 1] = True  # grown by 1: rows and columns 2..6 of slice 1
+    target_bladder[0, 12:14, 12:14, 1] = True  # grown by 2: rows and columns 10..15 of slice 1
+    out = with_target_context(warped, warped_bladder, target, target_bladder)
+    expected = torch.zeros_like(out)
+    expected[0, 0, 2:7, 2:7, 1] = 1.0
+    expected[0, 0, 10:16, 10:16, 1] = 1.0
+    assert torch.equal(out, expected)

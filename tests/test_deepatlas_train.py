@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from bladdergen.checkpoint import read_metadata
 from bladdergen.config import load_config
+from bladdergen.data.dataset import PreprocessedSet
 from bladdergen.deepatlas import train as deepatlas_train
 from bladdergen.deepatlas.pairs import segmentation_updates
 from bladdergen.deepatlas.train import (
@@ -441,6 +442,33 @@ def test_augment_warped_also_moves_the_registration_augmented_pairs(
     assert alternating > 0
     # pre-training: one call per update; alternating: the pair's labeled image, then the warped pair
     assert len(calls) == cfg.seg_pretrain_steps + 2 * alternating
+
+
+def test_reg_augment_context_puts_each_warped_atlas_into_its_target_s_surroundings(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    import bladdergen.deepatlas.train as train_module
+
+    targets = []
+
+    def recording(warped, warped_bladder, target, target_bladder):
+        targets.append(target.clone())
+        return with_target_context(warped, warped_bladder, target, target_bladder)
+
+    with_target_context = train_module.with_target_context
+    monkeypatch.setattr(train_module, "with_target_context", recording)
+    # every pair: the first labeled image moving onto the first unlabeled one
+    monkeypatch.setattr(
+        train_module, "segmentation_pairs", lambda rng, n_labeled, *a, **k: [(0, n_labeled)]
+    )
+    config = tiny_config(**{"deepatlas.max_steps": 12, "deepatlas.reg_augment_context": True})
+    train_deepatlas(config.deepatlas, tiny_dataset, tmp_path / "da")
+    cfg = config.deepatlas
+    alternating = segmentation_updates(cfg, 12) - cfg.seg_pretrain_steps
+    assert alternating > 0 and len(targets) == alternating
+    unlabeled = PreprocessedSet.open(tiny_dataset).unlabeled_cases[0]
+    first_unlabeled = torch.from_numpy(PreprocessedSet.open(tiny_dataset).load_image(unlabeled))
+    assert all(torch.equal(t[0, 0], first_unlabeled) for t in targets)
 
 
 def _sample_folder(root, plausible, tumor=False):

@@ -68,3 +68,38 @@ def augment_labeled(
         out_images.append(moved)
         out_labels.append(moved_label)
     return torch.stack(out_images), torch.stack(out_labels)
+
+
+def dilate_in_plane(masks: torch.Tensor, voxels: int) -> torch.Tensor:
+    """Bool masks (B, X, Y, Z) grown by ``voxels`` in X and Y (a square neighbourhood), not along
+    Z: slices are thick, and the filled bladder is defined slice by slice."""
+    if voxels <= 0:
+        return masks
+    size = 2 * voxels + 1
+    grown = torch.nn.functional.max_pool3d(
+        masks[:, None].float(), (size, size, 1), stride=1, padding=(voxels, voxels, 0)
+    )
+    return grown[:, 0] > 0
+
+
+def with_target_context(
+    warped: torch.Tensor,
+    warped_bladder: torch.Tensor,
+    target: torch.Tensor,
+    target_bladder: torch.Tensor,
+    margin: int = 1,
+    target_margin: int = 2,
+) -> torch.Tensor:
+    """A registration-augmented image (B, 1, X, Y, Z) in the target's own surroundings.
+
+    Inside the warped atlas's filled bladder grown by ``margin`` voxels, and inside the target's
+    (predicted) filled bladder grown by ``target_margin``, the warped atlas image stays; everywhere
+    else the target image replaces it. The warped label is unchanged: outside both bladders every
+    voxel is background in the atlas's label and, as far as the target's prediction tells, in the
+    target too. Masks (B, X, Y, Z) bool. Why: the warp carries the atlas's surroundings along, so
+    every augmented pair shows the bladder against the one or two labeled scans' fat and muscle;
+    the target's own tissue next to the wall (e.g. muscle as dense as the wall) is what the
+    unlabeled scans can add.
+    """
+    keep = dilate_in_plane(warped_bladder, margin) | dilate_in_plane(target_bladder, target_margin)
+    return torch.where(keep[:, None], warped, target)

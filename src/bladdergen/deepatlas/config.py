@@ -60,6 +60,12 @@ class DeepAtlasConfig:
     Measured on phantoms (docs/benchmarks.md, 2 labeled cases, three seeds): "ignore" did not raise
     tumor Dice in either DeepAtlas arm (+0.006 with real unlabeled scans, −0.046 with synthetic
     volumes added), so it stays off.
+    ``reg_augment_context``: a registration-augmented image keeps the warped atlas only in and
+    next to the two bladders (the warped atlas's filled bladder grown by 1 voxel in-plane, the
+    target's, F_S's prediction where it has no label, grown by 2) and shows the target image
+    everywhere else (:func:`bladdergen.deepatlas.augment.with_target_context`): the warp carries
+    the labeled scans' surroundings along, stretched, so without it every augmented pair shows the
+    bladder against the one or two labeled scans' tissue.
     ``seg_supervised_draw``: "pairs" (paper profile, the paper's DeepAtlas): the supervised term
     of an alternating segmentation step is on the labeled images of its pairs. "baseline" (tiny
     profile): it is on the baseline's own batch of that segmentation update (the same cases,
@@ -139,6 +145,7 @@ class DeepAtlasConfig:
     seg_supervised_draw: str = "pairs"
     reg_augment_weight: float = 1.0
     reg_augment_tumor: str = "label"
+    reg_augment_context: bool = False
     seg_augment: bool = False
     augment_warped: bool = False
     augment_rotation_deg: float = 15.0

@@ -40,6 +40,7 @@ _FREE_KEYS |= {"diffeomorphic", "integration_steps", "lncc_kernel", "lncc_scales
 _FREE_KEYS |= {"prealign", "anatomy_weight", "anatomy_filled_bladder", "anatomy_gate_margin"}
 _FREE_KEYS |= {"anatomy_gate_segmenter", "pair_tumor_sampling", "seg_supervised_draw"}
 _FREE_KEYS |= {"reg_augment_weight", "reg_augment_tumor", "augment_warped", "synthetic_filter"}
+_FREE_KEYS |= {"reg_augment_context"}
 _FREE_KEYS |= {"reg_pretrain_steps"}
 _FREE_KEYS |= {"reg_steps_per_cycle", "seg_steps_per_cycle"}
 # These act on the supervised draws only through synthetic pairs among the labeled cases, and the

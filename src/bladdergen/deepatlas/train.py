@@ -31,7 +31,7 @@ from bladdergen.deepatlas.align import (
     filled_bladder_from_probs,
     prealignment,
 )
-from bladdergen.deepatlas.augment import AugmentRanges, augment_labeled
+from bladdergen.deepatlas.augment import AugmentRanges, augment_labeled, with_target_context
 from bladdergen.deepatlas.config import DeepAtlasConfig
 from bladdergen.deepatlas.fields import Warper, folding_fraction
 from bladdergen.deepatlas.handoff import HANDOFF_NAME, handoff_identity, read_handoff, write_handoff
@@ -664,8 +664,9 @@ def _segmentation_step(
     ``seg_augment``). Alternating phase:
     λ_a·Dice(S_m∘φ, S_t) (only once the anatomy gate is open, ``anatomy_on``) + λ_sp·(Dice + CE on
     the supervised images) + ``reg_augment_weight``·λ_sp·(Dice + CE on each labeled moving image
-    warped onto its target with its warped label: registration as augmentation, moved once more by
-    a random transform with ``augment_warped``); pairs with at least one labeled image only. The
+    warped onto its target with its warped label: registration as augmentation, in the target's
+    surroundings with ``reg_augment_context``, moved once more by a random transform with
+    ``augment_warped``); pairs with at least one labeled image only. The
     supervised images are the labeled images of the pairs (``seg_supervised_draw`` "pairs"), or
     the baseline's batch of this segmentation update, drawn from ``baseline_rng`` ("baseline"),
     with every pair's labeled image as its moving image. Both augmented with ``seg_augment``. A
@@ -743,10 +744,18 @@ def _segmentation_step(
     if augment:
         with torch.no_grad():
             rows = torch.tensor(augment_rows, device=rt.device)
-            inputs.append(warper(moving[rows], field[rows]))
             augment_idx = [moving_idx[r] for r in augment_rows]
-            hot = one_hot(images.labels(augment_idx, rt.device))
-            augment_labels = warper(hot, field[rows]).argmax(dim=1, keepdim=True)
+            warped_hot = warper(one_hot(images.labels(augment_idx, rt.device)), field[rows])
+            warped_image = warper(moving[rows], field[rows])
+            if cfg.reg_augment_context:
+                warped_image = with_target_context(
+                    warped_image,
+                    filled_bladder_from_probs(warped_hot),
+                    target[rows],
+                    filled_bladder_from_probs(frozen_t[rows]),
+                )
+            inputs.append(warped_image)
+            augment_labels = warped_hot.argmax(dim=1, keepdim=True)
             augment_labels = images.mark_ignored(augment_idx, augment_labels)
             if cfg.reg_augment_tumor == "ignore":
                 augment_labels = without_tumor(augment_labels)
