@@ -131,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             for image, truth in cases:
                 with torch.no_grad():
                     logits = predict_logits(net, torch.from_numpy(image)[None, None])[0].numpy()
+                predicted = largest_bladder_component(logits.argmax(axis=0))
+                for key, value in wall_errors(predicted, truth, image).items():
+                    counts[key] += value
                 for offset in args.offsets:
                     shifted = logits.copy()
                     shifted[1] += offset
                     predicted = largest_bladder_component(shifted.argmax(axis=0))
-                    if offset == 0.0:
-                        for key, value in wall_errors(predicted, truth, image).items():
-                            counts[key] += value
                     wall, found = truth == 1, predicted == 1
                     dice[offset].append(2 * (wall & found).sum() / (wall.sum() + found.sum()))
         results[name] = {

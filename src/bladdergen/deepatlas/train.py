@@ -700,6 +700,7 @@ def _segmentation_step(
     with torch.no_grad():
         frozen_m = _segmentations(moving_idx, moving, images, unwrap(seg_net), rt)
         frozen_t = _segmentations(target_idx, target, images, unwrap(seg_net), rt)
+        target_bladder = filled_bladder_from_probs(frozen_t)  # pre-alignment and context
         seg_net.train()
         field = _pair_field(
             unwrap(reg_net).eval(),
@@ -707,7 +708,7 @@ def _segmentation_step(
             moving,
             target,
             filled_bladder_from_probs(frozen_m),
-            filled_bladder_from_probs(frozen_t),
+            target_bladder,
             cfg.prealign,
             rt,
         )
@@ -752,7 +753,7 @@ def _segmentation_step(
                     warped_image,
                     filled_bladder_from_probs(warped_hot),
                     target[rows],
-                    filled_bladder_from_probs(frozen_t[rows]),
+                    target_bladder[rows],
                 )
             inputs.append(warped_image)
             augment_labels = warped_hot.argmax(dim=1, keepdim=True)
